@@ -1,0 +1,3 @@
+"""evomerge: evolutionary optimization of model-merging recipes."""
+
+__version__ = "0.1.0"

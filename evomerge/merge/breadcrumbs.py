@@ -1,0 +1,31 @@
+"""Model Breadcrumbs (Davari & Belilovsky, 2023): drop the largest `gamma` fraction of |delta|
+(outliers) and the smallest ones, keeping `density` of the entries.
+
+mergekit 0.1.5's rule, kept exactly: keep sorted positions [n_bot, n_bot + int(density*n))
+with n_top = int(gamma*n), n_bot = max(0, n - int(density*n) - n_top). When density + gamma
+exceeds 1 the outlier cut shrinks so the density is still met."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.merge.rng import TensorRNG
+from evomerge.merge.task_arithmetic import gta_method
+
+
+def outlier_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
+    density = params["density"]
+    if density >= 1:
+        return None
+    n = delta.numel()
+    target = int(max(density, 0.0) * n)
+    n_bot = max(0, n - target - int(params["gamma"] * n))
+    order = torch.sort(delta.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[n_bot:n_bot + target]] = 1
+    return mask.view_as(delta)
+
+
+for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
+    gta_method(_name, "https://arxiv.org/abs/2312.06795", sparsifier=outlier_mask, consensus=_consensus,
+               normalize=False, rescale=False, extra_params={"gamma": 0.01})

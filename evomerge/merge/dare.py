@@ -1,0 +1,27 @@
+"""DARE (Yu et al., 2023): drop each delta entry with probability 1 - density and rescale
+the rest; merged linearly (dare_linear) or with TIES's sign election (dare_ties).
+
+Rescaling defaults to mergekit's (restore the delta's L1 norm); `rescale_mode:
+inverse_density` gives the paper's 1/density."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.rng import TensorRNG
+from evomerge.merge.task_arithmetic import gta_method
+
+
+def random_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
+    density = params["density"]
+    if density >= 1:
+        return None
+    if rng is None:
+        raise EvomergeError("DARE needs a generator")
+    return rng.keep_mask(max(density, 0.0), delta.shape, delta.device)
+
+
+for _name, _consensus in (("dare_ties", True), ("dare_linear", False)):
+    gta_method(_name, "https://arxiv.org/abs/2311.03099", sparsifier=random_mask, consensus=_consensus,
+               normalize=False, rescale=True, random=True)

@@ -1,0 +1,37 @@
+"""DELLA (Deep et al., 2024): magnitude-ranked drop probabilities. Within each row, an entry's
+keep probability rises linearly with its magnitude rank from density - epsilon to
+density + epsilon; kept entries are rescaled (mergekit: restore the L1 norm)."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.rng import TensorRNG
+from evomerge.merge.task_arithmetic import gta_method
+
+
+def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Per-row linear ramp over magnitude ranks; a 1-D tensor is one row, a 1-entry row gets density - epsilon."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(delta.dtype)
+    span = max(rows.shape[1] - 1, 1)
+    return ((density - epsilon) + ranks / span * 2 * epsilon).view_as(delta)
+
+
+def magprune_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
+    density, epsilon = params["density"], params["epsilon"]
+    if density >= 1:
+        return None
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise EvomergeError(f"della: density +- epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
+    if rng is None:
+        raise EvomergeError("DELLA needs a generator")
+    return rng.keep_mask(keep_probabilities(delta, density, epsilon), delta.shape, delta.device)
+
+
+for _name, _consensus, _normalize in (("della", True, True), ("della_linear", False, False)):
+    gta_method(_name, "https://arxiv.org/abs/2406.11617", sparsifier=magprune_mask, consensus=_consensus,
+               normalize=_normalize, rescale=True, extra_params={"epsilon": 0.15}, random=True)

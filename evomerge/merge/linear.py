@@ -1,0 +1,38 @@
+"""Linear merge / model soup (Wortsman et al., 2022): a weighted average of the sources.
+
+Accumulates with addcmul into a float32 chunk, as mergekit 0.1.5 does, so results agree
+to the bit; runs chunk by chunk straight into the output tensor."""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.merge.registry import MergeMethod, compute_dtype, register
+from evomerge.merge.task_arithmetic import CHUNK_ELEMENTS
+
+
+def linear(base, sources, params, options, rng, out):
+    dtype = compute_dtype(*sources)
+    first = sources[0]
+    if out is None:
+        out = torch.empty(first.shape, dtype=dtype, device=first.device)
+    weights = [torch.tensor(p["weight"], dtype=dtype, device=first.device) for p in params]
+    total = torch.stack(weights).sum()
+    numel = first.numel()
+    flat_out, flat_sources = out.view(-1), [s.reshape(-1) for s in sources]
+    acc = torch.empty(min(CHUNK_ELEMENTS, numel), dtype=dtype, device=first.device)
+    buf = torch.empty_like(acc)
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, numel)
+        acc_c, buf_c = acc[: stop - start].zero_(), buf[: stop - start]
+        for source, weight in zip(flat_sources, weights):
+            buf_c.copy_(source[start:stop])  # convert once; addcmul on float32 is mergekit's exact kernel
+            acc_c.addcmul_(buf_c, weight)
+        if options["normalize"]:
+            acc_c.div_(total)
+        flat_out[start:stop] = acc_c
+    return out
+
+
+register(MergeMethod(name="linear", fn=linear, reference="https://arxiv.org/abs/2203.05482",
+                     source_params={"weight": None}, options={"normalize": True}, needs_base=False))

@@ -1,0 +1,121 @@
+"""The merge-method registry and the one entry point that runs a method on one tensor.
+
+A method is data (its name, which parameters it takes, their defaults) plus a pure
+tensor function; `merge_tensor` checks the inputs once, fills in defaults and calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.rng import TensorRNG
+
+# fn(base, sources, params, options, rng, out) -> merged tensor (written into `out` when given)
+MergeFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """What a merge method accepts; the tensor function does the rest."""
+
+    name: str
+    fn: MergeFn
+    reference: str
+    source_params: Mapping[str, float | None]  # per-source parameter -> default (None = required)
+    options: Mapping[str, Any] = field(default_factory=dict)  # method-wide option -> default (None = required)
+    needs_base: bool = True
+    min_sources: int = 1
+    max_sources: int | None = None
+    random: bool = False
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise EvomergeError(f"unknown merge method {name!r}; choose one of: {', '.join(sorted(METHODS))}") from None
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32: merges never accumulate in half precision."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def resolve_source_params(method: MergeMethod, params: Sequence[Mapping[str, float]]) -> list[dict[str, float]]:
+    """Fill per-source defaults; refuse unknown or missing parameters."""
+    resolved = []
+    for i, given in enumerate(params):
+        unknown = set(given) - set(method.source_params)
+        if unknown:
+            raise EvomergeError(
+                f"{method.name}: unknown parameter(s) {sorted(unknown)} for source {i}; "
+                f"it takes {sorted(method.source_params) or 'none'}"
+            )
+        full = {}
+        for key, default in method.source_params.items():
+            if key in given:
+                full[key] = float(given[key])
+            elif default is None:
+                raise EvomergeError(f"{method.name}: source {i} needs parameter {key!r}")
+            else:
+                full[key] = default
+        resolved.append(full)
+    return resolved
+
+
+def resolve_options(method: MergeMethod, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    options = dict(options or {})
+    unknown = set(options) - set(method.options)
+    if unknown:
+        raise EvomergeError(
+            f"{method.name}: unknown option(s) {sorted(unknown)}; it takes {sorted(method.options) or 'none'}"
+        )
+    resolved = {**method.options, **options}
+    missing = [k for k, v in resolved.items() if v is None]
+    if missing:
+        raise EvomergeError(f"{method.name}: option(s) {missing} must be set")
+    return resolved
+
+
+def check_inputs(method: MergeMethod, base: torch.Tensor | None, sources: Sequence[torch.Tensor], n_params: int) -> None:
+    if method.needs_base and base is None:
+        raise EvomergeError(f"{method.name} needs a base model")
+    if len(sources) < method.min_sources or (method.max_sources is not None and len(sources) > method.max_sources):
+        wanted = str(method.min_sources) if method.max_sources == method.min_sources else f"at least {method.min_sources}"
+        raise EvomergeError(f"{method.name} takes {wanted} source model(s) besides the base, got {len(sources)}")
+    if n_params != len(sources):
+        raise EvomergeError(f"{method.name}: {len(sources)} sources but {n_params} parameter sets")
+    shapes = {tuple(t.shape) for t in [*sources, *([base] if base is not None else [])]}
+    if len(shapes) > 1:
+        raise EvomergeError(f"{method.name}: tensors of different shapes {sorted(shapes)}")
+
+
+def merge_tensor(
+    method: str,
+    base: torch.Tensor | None,
+    sources: Sequence[torch.Tensor],
+    params: Sequence[Mapping[str, float]],
+    options: Mapping[str, Any] | None = None,
+    generator: TensorRNG | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Merge one tensor. Computes in float32 (float64 for float64 inputs); writes into `out` if given."""
+    m = get_method(method)
+    check_inputs(m, base, sources, len(params))
+    if m.random and generator is None:
+        raise EvomergeError(f"{m.name} is random: pass a generator (evomerge.merge.tensor_generator(seed, name))")
+    return m.fn(base, list(sources), resolve_source_params(m, params), resolve_options(m, options), generator, out)

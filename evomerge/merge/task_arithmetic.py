@@ -1,0 +1,136 @@
+"""Task arithmetic and the generalized form that TIES, DARE, breadcrumbs and DELLA share.
+
+merged = base + lambda * combine_i(w_i * sparsify(source_i - base)), where `combine` is a
+plain sum or TIES's sign-consensus sum, optionally divided by the summed weights. Order
+of operations follows mergekit 0.1.5 (generalized_task_arithmetic.py) so the same recipe
+gives the same bits. Sparsifiers work on whole tensors; everything after is elementwise,
+so it runs chunk by chunk straight into the output tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merge.registry import MergeMethod, compute_dtype, register
+from evomerge.merge.rng import TensorRNG
+
+# sparsifier(delta, params_of_this_source, rng) -> mask (bool or float, same shape) or None for "keep all"
+Sparsifier = Callable[[torch.Tensor, dict[str, float], TensorRNG | None], torch.Tensor | None]
+
+CHUNK_ELEMENTS = 1 << 18  # fits the float32 scratch of a few sources in L2
+RESCALE_MODES = ("l1", "inverse_density")
+
+
+def rescale_masked(delta: torch.Tensor, mask: torch.Tensor, density: float, mode: str | None) -> torch.Tensor:
+    """Apply the mask; with `l1` (mergekit's rescale) restore the L1 norm the delta had, with
+    `inverse_density` (the DARE paper's) divide the kept entries by the density."""
+    masked = delta * mask
+    if mode is None:
+        return masked
+    if mode == "inverse_density":
+        return masked / density
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES's elected sign: per element, the sign of the summed weighted deltas (0 counts as +).
+    Returns which entries agree with it; zero entries never do."""
+    majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+    return weighted.sign() == majority
+
+
+def combine(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
+    """base + lambda * (normalized) sum of weighted deltas; `deltas` is [n_sources, *shape] and is scaled in place."""
+    weights = weights.view(-1, *([1] * (deltas.dim() - 1)))
+    deltas.mul_(weights)
+    if consensus:
+        mask = sign_consensus(deltas)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return base + mixed
+
+
+def _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) -> torch.Tensor:
+    deltas = torch.empty((len(sources), *base.shape), dtype=dtype, device=base.device)
+    base_c = base.to(dtype)
+    for i, (source, p) in enumerate(zip(sources, params)):
+        delta = source.to(dtype) - base_c
+        mask = sparsifier(delta, p, rng.stream(i) if rng is not None else None)
+        deltas[i] = delta if mask is None else rescale_masked(delta, mask, p["density"], rescale_mode)
+    return deltas
+
+
+def generalized_task_arithmetic(
+    base: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    params: Sequence[dict[str, float]],
+    options: dict[str, Any],
+    rng: TensorRNG | None,
+    out: torch.Tensor | None,
+    *,
+    sparsifier: Sparsifier | None,
+    consensus: bool,
+) -> torch.Tensor:
+    dtype = compute_dtype(base, *sources)
+    if out is None:
+        out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    rescale_mode = options.get("rescale_mode", "l1") if options.get("rescale", False) else None
+    if rescale_mode not in (None, *RESCALE_MODES):
+        raise EvomergeError(f"rescale_mode must be one of {RESCALE_MODES}, got {rescale_mode!r}")
+    weights = torch.tensor([p["weight"] for p in params], dtype=dtype, device=base.device)
+    sparse = sparsifier is not None and any(p.get("density", 1.0) < 1 for p in params)
+    deltas = _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) if sparse else None
+    n, numel = len(sources), base.numel()
+    flat_out, flat_base, flat_sources = out.view(-1), base.reshape(-1), [s.reshape(-1) for s in sources]
+    base_buf = torch.empty(min(CHUNK_ELEMENTS, numel), dtype=dtype, device=base.device)
+    delta_buf = torch.empty((n, base_buf.numel()), dtype=dtype, device=base.device) if deltas is None else None
+    for start in range(0, numel, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, numel)
+        base_c = base_buf[: stop - start]
+        base_c.copy_(flat_base[start:stop])
+        if deltas is not None:
+            chunk = deltas.view(n, -1)[:, start:stop]
+        else:
+            chunk = delta_buf[:, : stop - start]
+            for i, source in enumerate(flat_sources):
+                chunk[i].copy_(source[start:stop])
+                chunk[i].sub_(base_c)
+        flat_out[start:stop] = combine(base_c, chunk, weights, consensus, options["normalize"], options["lambda"])
+    return out
+
+
+def gta_method(name: str, reference: str, *, sparsifier: Sparsifier | None, consensus: bool,
+               normalize: bool, rescale: bool, extra_params: dict[str, float] | None = None,
+               random: bool = False) -> MergeMethod:
+    """Register one member of the task-arithmetic family with mergekit's defaults."""
+    source_params: dict[str, float | None] = {"weight": None}
+    options: dict[str, Any] = {"normalize": normalize, "lambda": 1.0}
+    if sparsifier is not None:
+        source_params["density"] = 1.0
+        options.update(rescale=rescale, rescale_mode="l1")
+    source_params.update(extra_params or {})
+
+    def fn(base, sources, params, opts, rng, out):
+        return generalized_task_arithmetic(base, sources, params, opts, rng, out, sparsifier=sparsifier, consensus=consensus)
+
+    return register(MergeMethod(name=name, fn=fn, reference=reference, source_params=source_params,
+                                options=options, random=random))
+
+
+gta_method("task_arithmetic", "https://arxiv.org/abs/2212.04089", sparsifier=None, consensus=False,
+           normalize=False, rescale=False)
