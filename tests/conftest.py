@@ -1,0 +1,26 @@
+"""Shared fixtures: the shipped zoo, and tests run from the repo root so recipe paths resolve."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "runs" / "examples").glob("zoo_*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(scope="session")
+def zoo() -> Path:
+    from evomerge.zoo import ZOO_DIR
+
+    return ZOO_DIR.relative_to(REPO) if ZOO_DIR.is_relative_to(REPO) else ZOO_DIR
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
