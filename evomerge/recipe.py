@@ -27,6 +27,7 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
+from evomerge.yamlio import load_yaml_mapping
 
 DTYPES = ("bfloat16", "float16", "float32")
 _LAYER = re.compile(r"^(.*?\blayers\.(\d+)\.)")
@@ -115,8 +116,8 @@ class Recipe:
             raise EvomergeError(f"{where}: {self.method} takes {method.min_sources}"
                                 f"{'' if method.max_sources == method.min_sources else '+'} model(s) besides the base, got {n}")
         for i, source in enumerate(self.models):
-            _check_values(source.parameters, method.source_params, f"{where}: models[{i}].parameters")
-        _check_values(self.parameters, method.options, f"{where}: parameters")
+            _check_values(source.parameters, method.source_params, f"{where}: models[{i}].parameters", numbers_only=True)
+        _check_values(self.parameters, method.options, f"{where}: parameters", numbers_only=False)
 
     # ---- per-group resolution --------------------------------------------------------
     def check_groups(self, n_layers: int) -> None:
@@ -155,30 +156,20 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise EvomergeError(f"cannot read recipe {path}: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise EvomergeError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(load_yaml_mapping(path, "recipe"), where=str(path))
 
 
 def _at(value: Value, group: int) -> Any:
     return value[group] if isinstance(value, list) else value
 
 
-def _check_values(values: dict[str, Any], allowed: Any, where: str) -> None:
+def _check_values(values: dict[str, Any], allowed: Any, where: str, numbers_only: bool) -> None:
+    """Per-source parameters are numbers; method-wide options may also be flags or names (normalize, rescale_mode)."""
     for key, value in values.items():
         if key not in allowed:
             raise EvomergeError(f"{where}: unknown parameter {key!r}; this method takes {sorted(allowed) or 'none'}")
         for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, bool) or isinstance(v, str):
+            if not numbers_only and isinstance(v, (bool, str)):
                 continue
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise EvomergeError(f"{where}.{key}: expected a finite number or a list of them, got {v!r}")
