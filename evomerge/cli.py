@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,92 @@ def cmd_merge(args: argparse.Namespace) -> None:
           f"merged in {merged - loaded:.2f} s, saved {out} in {time.perf_counter() - merged:.2f} s")
 
 
+def _config(args: argparse.Namespace):
+    from evomerge.config import load_config
+
+    return load_config(args.config, n_trials=getattr(args, "n_trials", None), storage=args.storage,
+                       study_name=args.study_name, seed=getattr(args, "seed", None))
+
+
+def _existing_study(config):
+    from evomerge.search.study import open_storage, open_study
+
+    return open_study(config, open_storage(config.storage, config.heartbeat), create=False)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from optuna.trial import TrialState
+    from tqdm import tqdm
+
+    from evomerge.search.loop import Search
+    from evomerge.search.report import status_text, trial_line
+    from evomerge.search.study import redact
+
+    config = _config(args)
+    search = Search(config)
+    done = search.counts()[TrialState.COMPLETE]
+    print(f"study {config.study_name!r} in {redact(config.storage)}: {done}/{config.n_trials} trials done, "
+          f"sampler {config.sampler}, device {search.materializer.device}")
+    with tqdm(total=config.n_trials, initial=min(done, config.n_trials), unit="trial", dynamic_ncols=True,
+              disable=args.quiet) as bar:
+        best = [None]
+
+        def on_trial(n_done: int, record: dict) -> None:
+            bar.n = min(n_done, config.n_trials)
+            if record.get("value") is not None and (best[0] is None or record["value"] > best[0]):
+                best[0] = record["value"]
+            bar.set_postfix_str(f"best {best[0]:.4g}" if best[0] is not None else "")
+            bar.write(trial_line(n_done, config.n_trials, record))
+
+        search.run(on_trial)
+    print(status_text(config, search.study))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from evomerge.search.report import status_text
+
+    config = _config(args)
+    print(status_text(config, _existing_study(config)))
+
+
+def cmd_archive(args: argparse.Namespace) -> None:
+    from evomerge.search.report import archive_entries, archive_json, archive_table, plot_archive
+
+    config = _config(args)
+    study = _existing_study(config)
+    entries = archive_entries(config, study)
+    print(archive_json(entries) if args.json else archive_table(config, entries))
+    if args.plot:
+        plot_archive(config, study, entries, args.plot)
+        if not args.json:
+            print(f"plot written to {args.plot}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from optuna.trial import TrialState
+
+    from evomerge.export import prepare_out_dir, save_checkpoint
+    from evomerge.merge.materialize import Materializer
+    from evomerge.recipe import Recipe
+
+    config = _config(args)
+    study = _existing_study(config)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trial = trials.get(args.trial)
+    if trial is None or "recipe" not in trial.user_attrs:
+        raise EvomergeError(f"study {config.study_name!r} has no trial {args.trial} with a recipe; "
+                            f"trials are numbered 0..{max(trials, default=-1)} (see evomerge archive {args.config})")
+    if trial.state != TrialState.COMPLETE:
+        print(f"note: trial {args.trial} is {trial.state.name}, exporting its recipe anyway")
+    recipe = Recipe.from_dict(json.loads(trial.user_attrs["recipe"]), where=f"trial {args.trial}")
+    prepare_out_dir(Path(args.out), args.force)
+    materializer = Materializer.for_recipe(recipe, device=args.device or config.device,
+                                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    materializer.apply(recipe)
+    out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code)
+    print(f"trial {args.trial} ({trial.user_attrs.get('objectives', {})}) saved to {out}")
+
+
 def cmd_zoo_build(args: argparse.Namespace) -> None:
     from evomerge.zoo import main_build
 
@@ -52,6 +139,30 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_loading_flags(merge)
     merge.set_defaults(func=cmd_merge)
+
+    def study_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("config", help="run config YAML (see runs/)")
+        p.add_argument("--storage", help="Optuna storage URL (default: the config's, else sqlite:///runs/<name>/study.db)")
+        p.add_argument("--study-name", help="study name (default: the config's name)")
+        return p
+
+    run = study_parser("run", "start or resume the search in the config's study")
+    run.add_argument("--n-trials", type=int, help="total completed trials the study should reach (not: trials to add)")
+    run.add_argument("--seed", type=int, help="search seed (default: the config's)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    study_parser("status", "trials done/failed/running, best per objective, hypervolume, budget, ETA").set_defaults(func=cmd_status)
+    archive = study_parser("archive", "the Pareto archive of the study")
+    archive.add_argument("--json", action="store_true", help="print a JSON list of {number, values, recipe}")
+    archive.add_argument("--plot", metavar="FILE.png", help="also plot the front, dominated trials and hypervolume")
+    archive.set_defaults(func=cmd_archive)
+    export = study_parser("export", "materialize one trial's recipe and save it like `evomerge merge`")
+    export.add_argument("--trial", type=int, required=True, help="trial number (see `evomerge archive`)")
+    export.add_argument("--out", required=True, help="output checkpoint directory")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_loading_flags(export)
+    export.set_defaults(func=cmd_export)
 
     zoo = sub.add_parser("zoo", help="the tiny built-in model family used by the demo and tests")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)

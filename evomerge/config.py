@@ -1,0 +1,156 @@
+"""The run config: which models, which search space and fitness, which sampler, what budget,
+and where the study lives. Every error names the file, the key and what was expected.
+
+    name: zoo_ps                             # outputs under runs/<name>/; default study name
+    models: [evomerge/zoo_models/expert_rev, evomerge/zoo_models/expert_srt]
+    base_model: evomerge/zoo_models/base
+    search_space: search_spaces/ps_ties_dare.yaml
+    fitness: evaluators/zoo_skills.yaml
+    sampler: cmaes                           # or {name: cmaes, popsize: 8, sigma0: 0.1667}
+    budget: {n_trials: 100}                  # completed trials in the study; wall_clock_s per command
+    seed: 0
+    storage: null                            # default sqlite:///runs/<name>/study.db
+    device: auto                             # auto | cpu | cuda | cuda:N
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.fitness import FitnessSpec
+from evomerge.search.genome import SearchSpace
+from evomerge.yamlio import load_yaml_mapping
+
+SAMPLERS = {
+    "cmaes": {"popsize", "sigma0"},
+    "nsga2": {"population_size", "mutation_prob", "crossover_prob"},
+    "tpe": {"n_startup_trials"},
+    "random": set(),
+}
+_KEYS = {"name", "models", "base_model", "search_space", "fitness", "sampler", "budget", "seed", "storage",
+         "study_name", "device", "dtype", "heartbeat", "description"}
+
+
+@dataclass
+class RunConfig:
+    path: Path
+    name: str
+    models: list[str]
+    base_model: str | None
+    search_space: SearchSpace
+    search_space_path: str
+    fitness: FitnessSpec
+    fitness_path: str
+    sampler: str
+    sampler_options: dict[str, Any]
+    n_trials: int
+    wall_clock_s: float | None
+    seed: int
+    storage: str
+    study_name: str
+    device: str | None
+    dtype: str = "bfloat16"
+    heartbeat: dict[str, float] = field(default_factory=lambda: {"interval": 10.0, "grace": 30.0})
+
+    @property
+    def out_dir(self) -> Path:
+        return Path("runs") / self.name
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two commands the same study: resuming with a different one is refused."""
+        fingerprint = {"models": self.models, "base_model": self.base_model, "search_space": asdict(self.search_space),
+                       "fitness": asdict(self.fitness), "sampler": self.sampler, "seed": self.seed}
+        return json.loads(json.dumps(fingerprint))  # the JSON form, as the study stores it
+
+
+def _err(where: str, key: str, expected: str, got: Any) -> EvomergeError:
+    return EvomergeError(f"{where}: {key}: expected {expected}, got {got!r}")
+
+
+def _int(data: dict, key: str, where: str, default: int | None, minimum: int) -> int | None:
+    value = data.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise _err(where, key, f"an integer >= {minimum}", value)
+    return value
+
+
+def load_config(path: str | Path, *, n_trials: int | None = None, storage: str | None = None,
+                study_name: str | None = None, seed: int | None = None) -> RunConfig:
+    """Read and validate a run config; command-line overrides win over the file."""
+    path = Path(path)
+    where = str(path)
+    data = load_yaml_mapping(path, "run config")
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise EvomergeError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(_KEYS)}")
+    for key in ("models", "search_space", "fitness"):
+        if key not in data:
+            raise EvomergeError(f"{where}: missing key {key!r}")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise _err(where, "name", "a run name without '/'", name)
+    models = data["models"]
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        raise _err(where, "models", "a non-empty list of model paths or hub ids", models)
+    base = data.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise _err(where, "base_model", "a model path or hub id", base)
+    space = SearchSpace.load(_existing(data["search_space"], where, "search_space"))
+    fitness = FitnessSpec.load(_existing(data["fitness"], where, "fitness"))
+    sampler, sampler_options = _sampler(data.get("sampler", "cmaes"), where)
+    if sampler == "cmaes" and len(fitness.objectives) > 1 and not fitness.scalarization:
+        raise EvomergeError(f"{where}: cmaes is single-objective: give the fitness spec a scalarization")
+    budget = data.get("budget") or {}
+    if not isinstance(budget, dict) or set(budget) - {"n_trials", "wall_clock_s"}:
+        raise _err(where, "budget", "{n_trials: N, wall_clock_s: SECONDS}", budget)
+    wall = budget.get("wall_clock_s")
+    if wall is not None and (not isinstance(wall, (int, float)) or isinstance(wall, bool) or wall <= 0):
+        raise _err(where, "budget.wall_clock_s", "a positive number of seconds", wall)
+    heartbeat = data.get("heartbeat") or {}
+    if not isinstance(heartbeat, dict) or set(heartbeat) - {"interval", "grace"} or not all(
+            isinstance(v, (int, float)) and v > 0 for v in heartbeat.values()):
+        raise _err(where, "heartbeat", "{interval: SECONDS, grace: SECONDS}", heartbeat)
+    device = data.get("device", "auto")
+    dtype = data.get("dtype", "bfloat16")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise _err(where, "dtype", "bfloat16, float16 or float32", dtype)
+    return RunConfig(
+        path=path, name=name, models=models, base_model=base, search_space=space,
+        search_space_path=str(data["search_space"]), fitness=fitness, fitness_path=str(data["fitness"]),
+        sampler=sampler, sampler_options=sampler_options,
+        n_trials=n_trials if n_trials is not None else _int(budget, "n_trials", f"{where}: budget", 100, 1),
+        wall_clock_s=wall, seed=seed if seed is not None else _int(data, "seed", where, 0, 0),
+        storage=storage or data.get("storage") or f"sqlite:///runs/{name}/study.db",
+        study_name=study_name or data.get("study_name") or name,
+        device=None if device == "auto" else str(device), dtype=dtype,
+        heartbeat={"interval": 10.0, "grace": 30.0, **{k: float(v) for k, v in heartbeat.items()}},
+    )
+
+
+def _existing(value: Any, where: str, key: str) -> Path:
+    if not isinstance(value, str):
+        raise _err(where, key, "a file path", value)
+    path = Path(value)
+    if not path.is_file():
+        raise EvomergeError(f"{where}: {key}: file {value} not found (paths are relative to {Path.cwd()})")
+    return path
+
+
+def _sampler(value: Any, where: str) -> tuple[str, dict[str, Any]]:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise _err(where, "sampler", f"one of {sorted(SAMPLERS)} or {{name: NAME, ...options}}", value)
+    name, options = value["name"], {k: v for k, v in value.items() if k != "name"}
+    if name not in SAMPLERS:
+        raise EvomergeError(f"{where}: sampler: unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    bad = set(options) - SAMPLERS[name]
+    if bad:
+        raise EvomergeError(f"{where}: sampler: {name} has no option(s) {sorted(bad)}; it takes {sorted(SAMPLERS[name]) or 'none'}")
+    return name, options

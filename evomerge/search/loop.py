@@ -1,0 +1,139 @@
+"""The search loop: propose a genome, materialize it in place, score it, record everything.
+
+Each trial records its parameters, every objective, the per-task scores, the recipe (JSON),
+timings and the device; a candidate that raises, scores NaN or runs out of memory fails
+its own trial (with the reason) and the search goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from evomerge.config import RunConfig
+from evomerge.errors import EvomergeError
+from evomerge.fitness import Evaluator, build_evaluator, candidate_costs
+from evomerge.merge.materialize import Materializer
+from evomerge.search.cma_sampler import CANDIDATE_FAILURE, FAILURE_ATTR, GenerationBusy
+from evomerge.search.genome import Genome
+from evomerge.search.samplers import make_sampler
+from evomerge.search.study import Heartbeat, claim, open_storage, open_study, recover_dead_trials, retry_dead_trial
+
+MAX_CONSECUTIVE_FAILURES = 20
+
+
+@dataclass
+class Scored:
+    objectives: dict[str, float]
+    scores: dict[str, float]
+    timings: dict[str, float]
+
+
+class Search:
+    """Everything loaded once for a run: sources, candidate, evaluator, study."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        refs = ([config.base_model] if config.base_model else []) + config.models
+        self.materializer = Materializer(refs, dtype=config.dtype, device=config.device)
+        self.genome = Genome(config.search_space, config.models, config.base_model, self.materializer.n_layers)
+        tokenizer_source = self.materializer.sources[refs[0]].path
+        self.evaluator: Evaluator = build_evaluator(config.fitness, tokenizer_source)
+        self.storage = open_storage(config.storage, config.heartbeat)
+        self.study = open_study(config, self.storage, create=True)
+
+    def counts(self) -> dict[TrialState, int]:
+        trials = self.study.get_trials(deepcopy=False)
+        return {state: sum(t.state == state for t in trials) for state in TrialState}
+
+    def score(self, params: dict[str, float]) -> Scored:
+        start = time.perf_counter()
+        recipe = self.genome.decode(params)
+        model = self.materializer.apply(recipe)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        merged = time.perf_counter()
+        scores = self.evaluator.evaluate(model)
+        evaluated = time.perf_counter()
+        objectives = self.config.fitness.objective_values({**scores, **candidate_costs(model)})
+        bad = [k for k, v in objectives.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"non-finite objective(s) {bad}")
+        return Scored(objectives, scores, {"materialize_s": merged - start, "evaluate_s": evaluated - merged})
+
+    def run(self, on_trial: Callable[[int, dict[str, Any]], None] | None = None) -> int:
+        """Run trials until the study holds n_trials completed ones (or the wall clock runs out); returns how many ran."""
+        started, ran, failures = time.monotonic(), 0, 0
+        while True:
+            recover_dead_trials(self.study)
+            counts = self.counts()
+            if counts[TrialState.COMPLETE] >= self.config.n_trials:
+                return ran
+            if self.config.wall_clock_s is not None and time.monotonic() - started > self.config.wall_clock_s:
+                return ran
+            record = self.run_one(counts[TrialState.COMPLETE], counts[TrialState.RUNNING])
+            if record is None:
+                continue
+            ran += 1
+            failures = failures + 1 if record["state"] == "FAIL" else 0
+            if on_trial:
+                on_trial(counts[TrialState.COMPLETE] + (record["state"] == "COMPLETE"), record)
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                raise EvomergeError(f"{failures} candidates failed in a row (last: {record['error']}); "
+                                    "stopping: check the models, search space and fitness")
+
+    def run_one(self, n_complete: int, n_running: int) -> dict[str, Any] | None:
+        trial_start = time.perf_counter()
+        self.study.sampler = make_sampler(self.config, self.genome, n_complete, n_running)
+        try:
+            trial = self.study.ask(self.genome.distributions)
+        except GenerationBusy:
+            time.sleep(2.0)  # another worker holds the rest of this CMA-ES generation
+            return None
+        claim(self.study, trial._trial_id)
+        try:
+            with Heartbeat(self.storage, trial._trial_id):
+                scored = self.score(trial.params)
+        except KeyboardInterrupt:
+            self._interrupted(trial)
+            raise
+        except Exception as exc:  # the candidate failed, not the search: record why and go on
+            return self._failed(trial, exc)
+        values = scored.objectives
+        told = [self.config.fitness.scalarize(values)] if len(self.study.directions) == 1 else list(values.values())
+        scored.timings["overhead_s"] = time.perf_counter() - trial_start - sum(scored.timings.values())
+        for key, value in (("objectives", values), ("scores", scored.scores), ("timings", scored.timings),
+                           ("recipe", self.genome.decode(trial.params).to_json()),  # cheap: no tensors
+                           ("device", str(self.materializer.device))):
+            trial.set_user_attr(key, value)
+        self.study.tell(trial, told)
+        return {"number": trial.number, "state": "COMPLETE", "objectives": values, "value": told[0] if len(told) == 1 else None}
+
+    def _failed(self, trial: optuna.Trial, exc: BaseException) -> dict[str, Any]:
+        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        trial.set_user_attr(FAILURE_ATTR, CANDIDATE_FAILURE)
+        trial.set_user_attr("error", error)
+        try:
+            trial.set_user_attr("recipe", self.genome.decode(trial.params).to_json())
+        except EvomergeError:
+            pass  # the genome itself was the problem; the error says so
+        trial.set_user_attr("device", str(self.materializer.device))
+        self.study.tell(trial, state=TrialState.FAIL)
+        return {"number": trial.number, "state": "FAIL", "error": error}
+
+    def _interrupted(self, trial: optuna.Trial) -> None:
+        """Ctrl-C: the trial is not the candidate's fault; fail it so that it is retried first on resume."""
+        storage = self.study._storage
+        if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            storage.set_trial_user_attr(trial._trial_id, "error", "interrupted")
+            retry_dead_trial(self.study, storage.get_trial(trial._trial_id))

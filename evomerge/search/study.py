@@ -1,0 +1,143 @@
+"""The Optuna study as the single source of truth: storage, create-or-resume, the
+fingerprint that stops a study from being resumed with a different search, and recovery
+of trials whose worker died.
+
+A worker that dies mid-trial leaves a RUNNING trial. If it ran on this host and its
+process is gone, it is failed at once and retried with the same parameters (so a killed
+single-worker search resumes exactly where it stopped); otherwise Optuna's heartbeats
+fail it once its grace period passes, and the same retry applies.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+from evomerge.config import RunConfig
+from evomerge.errors import EvomergeError
+
+FINGERPRINT = "evomerge:fingerprint"
+OBJECTIVES = "evomerge:objectives"
+WORKER = "evomerge:worker"
+HOST = socket.gethostname()
+retry_dead_trial = RetryFailedTrialCallback(max_retry=1)
+
+# Heartbeats in an ask/tell loop are what Optuna's docs prescribe for it; its warnings say otherwise.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def redact(url: str) -> str:
+    """The storage URL with any password replaced by ***, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> RDBStorage:
+    heartbeat = heartbeat or {"interval": 10.0, "grace": 30.0}
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(max(1, heartbeat["interval"])),
+                          grace_period=int(max(2, heartbeat["grace"])), failed_trial_callback=retry_dead_trial)
+    except Exception as exc:  # SQLAlchemy: unreachable host, wrong password, missing driver, bad URL
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EvomergeError(f"cannot open storage {redact(url)}: {redact(first)}") from None
+
+
+def study_directions(config: RunConfig) -> list[str]:
+    """NSGA-II sees every objective; single-objective samplers see the scalarization (maximized)."""
+    return config.fitness.directions if config.sampler == "nsga2" else ["maximize"]
+
+
+def open_study(config: RunConfig, storage: RDBStorage, *, create: bool) -> optuna.Study:
+    """Resume the config's study, or create it when `create`; refuse a study made by another search."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=config.study_name, storage=storage)
+    except KeyError:
+        if not create:
+            raise EvomergeError(f"no study {config.study_name!r} in {redact(config.storage)}; "
+                                f"start it with: evomerge run {config.path}") from None
+        study = optuna.create_study(study_name=config.study_name, storage=storage, directions=study_directions(config))
+        study.set_user_attr(FINGERPRINT, config.fingerprint())
+        study.set_user_attr(OBJECTIVES, [[o.name, o.direction] for o in config.fitness.objectives])
+        return study
+    stored = study.user_attrs.get(FINGERPRINT)
+    if stored is None:
+        raise EvomergeError(f"study {config.study_name!r} in {redact(config.storage)} was not made by evomerge; "
+                            "choose another --study-name")
+    differs = sorted(k for k in set(stored) | set(config.fingerprint()) if stored.get(k) != config.fingerprint().get(k))
+    if differs:
+        key = differs[0]
+        raise EvomergeError(f"study {config.study_name!r} was made with a different {key} ({stored.get(key)!r}, "
+                            f"now {config.fingerprint().get(key)!r}); use a new --study-name or restore the config")
+    return study
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail (and retry once) RUNNING trials whose worker is gone; returns their numbers."""
+    optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.system_attrs.get(WORKER) or {}
+        if worker.get("host") == HOST and worker.get("pid") != os.getpid() and not _pid_alive(int(worker.get("pid", 0))):
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                storage.set_trial_user_attr(trial._trial_id, "error", f"worker process {worker.get('pid')} died")
+                retry_dead_trial(study, storage.get_trial(trial._trial_id))
+                recovered.append(trial.number)
+    return recovered
+
+
+def claim(study: optuna.Study, trial_id: int) -> None:
+    study._storage.set_trial_system_attr(trial_id, WORKER, {"host": HOST, "pid": os.getpid()})
+
+
+class Heartbeat:
+    """Records the trial's heartbeat from a thread while the trial runs (an ask/tell loop must do
+    this itself; only study.optimize does it for you)."""
+
+    def __init__(self, storage: RDBStorage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        interval = self.storage.get_heartbeat_interval() or 10
+        while True:
+            self.storage.record_heartbeat(self.trial_id)
+            if self._stop.wait(interval):
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
