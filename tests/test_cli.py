@@ -23,7 +23,7 @@ def write(tmp_path, text, name="r.yaml"):
     ("method: linear\nmodels: [{model: no/such/dir/x, parameters: {weight: 1}}]\n", "no such directory"),
     ("method: linear\nmodels: [{model: evomerge/zoo_models/base, parameters: {weight: one}}]\n", "expected a finite number"),
     ("method: ties\nbase_model: evomerge/zoo_models/base\nmodels: [{model: evomerge/zoo_models/expert_rev, "
-     "parameters: {weight: [1, 2]}}]\n", "has 2 values but a 4-layer model"),
+     "parameters: {weight: [1, 2, 3]}}]\n", "has 3 values but a 4-layer model"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, recipe, message):
     path = write(tmp_path, recipe) if recipe is not None else str(tmp_path / "missing.yaml")

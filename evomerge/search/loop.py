@@ -21,12 +21,13 @@ from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.fitness import Evaluator, build_evaluator, candidate_costs
 from evomerge.merge.materialize import Materializer
-from evomerge.search.cma_sampler import CANDIDATE_FAILURE, FAILURE_ATTR, GenerationBusy
+from evomerge.search.cma_sampler import CANDIDATE_FAILURE, FAILURE_ATTR, GenerationBusy, PyCmaSampler
 from evomerge.search.genome import Genome
 from evomerge.search.samplers import make_sampler
 from evomerge.search.study import Heartbeat, claim, open_storage, open_study, recover_dead_trials, retry_dead_trial
 
 MAX_CONSECUTIVE_FAILURES = 20
+BUSY_WAIT_S = 2.0
 
 
 @dataclass
@@ -52,6 +53,9 @@ class Search:
     def counts(self) -> dict[TrialState, int]:
         trials = self.study.get_trials(deepcopy=False)
         return {state: sum(t.state == state for t in trials) for state in TrialState}
+
+    def _waiting(self) -> bool:
+        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
     def score(self, params: dict[str, float]) -> Scored:
         start = time.perf_counter()
@@ -91,13 +95,19 @@ class Search:
 
     def run_one(self, n_complete: int, n_running: int) -> dict[str, Any] | None:
         trial_start = time.perf_counter()
-        self.study.sampler = make_sampler(self.config, self.genome, n_complete, n_running)
-        try:
-            trial = self.study.ask(self.genome.distributions)
-        except GenerationBusy:
-            time.sleep(2.0)  # another worker holds the rest of this CMA-ES generation
+        sampler = self.study.sampler = make_sampler(self.config, self.genome, n_complete, n_running)
+        if isinstance(sampler, PyCmaSampler) and not self._waiting() and sampler.is_busy(self.study):
+            time.sleep(BUSY_WAIT_S)  # other workers hold the rest of this CMA-ES generation
             return None
-        claim(self.study, trial._trial_id)
+        trial = self.study.ask()
+        claim(self.study, trial._trial_id)  # at once: a worker killed from here on is recoverable
+        try:
+            for name, dist in self.genome.distributions.items():
+                trial.suggest_float(name, dist.low, dist.high)
+        except GenerationBusy as exc:  # lost a race for the last free slot to another worker
+            trial.set_user_attr("error", str(exc))
+            self.study.tell(trial, state=TrialState.FAIL)
+            return None
         try:
             with Heartbeat(self.storage, trial._trial_id):
                 scored = self.score(trial.params)

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from evomerge.config import RunConfig
@@ -29,11 +29,12 @@ FINGERPRINT = "evomerge:fingerprint"
 OBJECTIVES = "evomerge:objectives"
 WORKER = "evomerge:worker"
 HOST = socket.gethostname()
-retry_dead_trial = RetryFailedTrialCallback(max_retry=1)
+retry_dead_trial = RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 # Heartbeats in an ask/tell loop are what Optuna's docs prescribe for it; its warnings say otherwise.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
+warnings.filterwarnings("ignore", message=".*fail_stale_trials is experimental")
 
 
 def redact(url: str) -> str:
@@ -53,7 +54,8 @@ def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> RDBStor
         engine_kwargs = {"connect_args": {"timeout": 60}}
     try:
         return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(max(1, heartbeat["interval"])),
-                          grace_period=int(max(2, heartbeat["grace"])), failed_trial_callback=retry_dead_trial)
+                          grace_period=int(max(2, heartbeat["grace"])),
+                          heartbeat_stale_trial_callback=retry_dead_trial)
     except Exception as exc:  # SQLAlchemy: unreachable host, wrong password, missing driver, bad URL
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvomergeError(f"cannot open storage {redact(url)}: {redact(first)}") from None
@@ -115,7 +117,9 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
 
 
 def claim(study: optuna.Study, trial_id: int) -> None:
+    """Mark the trial as this process's and beat once, so it is recoverable if the process dies."""
     study._storage.set_trial_system_attr(trial_id, WORKER, {"host": HOST, "pid": os.getpid()})
+    study._storage.record_heartbeat(trial_id)
 
 
 class Heartbeat:

@@ -1,0 +1,1 @@
+"""Search: genome encoding, samplers and the archive of evaluated recipes."""

@@ -1,0 +1,541 @@
+"""CMA-ES (pycma) as an Optuna sampler whose state is replayed, never stored.
+
+Why replay
+----------
+Optuna's own ``CmaEsSampler`` pickles its optimizer into trial system attrs and
+unpickles it on the next trial. With a shared SQLite/PostgreSQL storage that
+turns the database into a code-execution channel, and it ties a days-long run
+to the pickle format of one library version. :class:`PyCmaSampler` stores no
+optimizer state at all: on every :meth:`~PyCmaSampler.sample_relative` it
+builds a fresh ``cma.CMAEvolutionStrategy`` and replays the finished
+generations recorded in the study (``ask()`` then ``tell()`` with the stored
+objective values). Trials carry only two JSON-safe ints as system attrs,
+``pycma:generation`` and ``pycma:slot``; a killed search resumes from the
+storage alone, with a new sampler instance, in a new process.
+
+Exact replay
+------------
+The replay is exact because every random draw is a function of
+``(seed, generation)``. pycma 4.5 draws its Gaussian samples through its
+``randn`` option (default ``np.random.randn``, the global RNG;
+``cma.sampler.GaussFullSampler.sample`` and the mirror/elitist rescaling in
+``ask_geno``/``tell`` all call ``opts['randn']``); we pass a per-instance
+``randn`` backed by a ``numpy.random.Generator`` re-seeded before the ``ask()``
+of each generation, and set ``seed=nan`` so construction doesn't reseed the
+global RNG. A few non-default pycma code paths (TPA step-size consistency
+checks, integer centering, rotations) use ``np.random`` directly, so as a
+second guard the global RNG is also seeded from ``(seed, generation)`` before
+each ``ask()``; the caller's global state is saved and restored around the
+whole replay.
+
+Generations and slots
+---------------------
+Generation ``g`` has ``popsize`` slots; candidate ``s`` is the ``s``-th vector of
+the ``ask()`` that follows the replay of generations ``0..g-1``. A new trial
+takes the lowest free slot of the first unfinished generation. Per slot:
+
+* the lowest-numbered COMPLETE trial gives the value (a non-finite value counts
+  as a failure);
+* otherwise a FAIL trial with user attr ``failure == "candidate"`` (or a PRUNED
+  trial) makes the slot finished-as-failed;
+* a FAIL trial *without* that attr is a killed worker: it neither holds nor
+  finishes the slot; its retry (:func:`enqueue_retry`) carries the same
+  ``(generation, slot)``. If no retry is enqueued, the next new trial re-takes
+  the slot, so a generation can't deadlock;
+* RUNNING/WAITING trials hold the slot.
+
+A generation is finished when every slot is decided and none of its trials is
+still RUNNING/WAITING (so late duplicates can't rewrite a generation that later
+ones were built on). Failed slots are told to pycma (which minimizes) as
+``worst + (spread if spread > 0 else 1.0)``, where worst/spread are the max and
+max-min of the generation's finite completed values in minimization sign; when
+the whole generation failed, every slot gets :data:`ALL_FAILED_VALUE`.
+
+If the first unfinished generation has all slots held but not all finished, a
+new trial can't be sampled without breaking exactness: :class:`GenerationBusy`
+is raised (from the trial's first ``suggest_float``). A single sequential
+worker never sees it.
+
+Retries of killed trials must carry the killed trial's ``pycma:*`` system attrs:
+:func:`enqueue_retry` does that, and so does Optuna's own heartbeat callback
+(``RetryHeartbeatStaleTrialCallback``, formerly ``RetryFailedTrialCallback``:
+it copies all system attrs and the params). A
+trial enqueued by the user (``fixed_params`` without ``pycma:*`` attrs) is not
+part of the CMA search: its missing params come from the ``RandomSampler``.
+
+Caller's loop (one of several workers)::
+
+    sampler = PyCmaSampler(space, seed=0)  # same arguments on every resume
+    study = optuna.load_study(study_name=..., storage=..., sampler=sampler)
+    while budget_left(study):
+        if sampler.is_busy(study):  # other workers hold the generation's last slots
+            time.sleep(30)
+            continue
+        trial = study.ask()
+        try:
+            params = {k: trial.suggest_float(k, d.low, d.high) for k, d in space.items()}
+        except GenerationBusy:  # lost a race with another worker
+            study.tell(trial, state=TrialState.FAIL)  # untagged: ignored by the sampler
+            continue
+        try:
+            value = evaluate(params)
+        except CandidateError:  # the candidate itself is bad (NaN, OOM, ...)
+            trial.set_user_attr(FAILURE_ATTR, CANDIDATE_FAILURE)
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        study.tell(trial, value)
+
+Multi-threaded use (``n_jobs > 1``) is serialized around the replay, but the
+global-RNG guard is process-wide: prefer processes for parallel workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cma
+import cma.utilities.utils as cma_utils
+import numpy as np
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+__all__ = [
+    "ALL_FAILED_VALUE",
+    "CANDIDATE_FAILURE",
+    "FAILURE_ATTR",
+    "GENERATION_KEY",
+    "SLOT_KEY",
+    "GenerationBusy",
+    "PyCmaSampler",
+    "ReplayMismatch",
+    "enqueue_retry",
+    "is_candidate_failure",
+    "retry_attrs",
+    "slot_of",
+    "told_values",
+]
+
+GENERATION_KEY = "pycma:generation"
+SLOT_KEY = "pycma:slot"
+FAILURE_ATTR = "failure"
+CANDIDATE_FAILURE = "candidate"
+ALL_FAILED_VALUE = 1e30
+"""Value told for every slot of a generation in which no candidate completed."""
+
+_PENDING = (TrialState.RUNNING, TrialState.WAITING)
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+class GenerationBusy(RuntimeError):
+    """All slots of the current generation are taken but not all finished.
+
+    Raised from the trial's first ``suggest_float`` (Optuna samples lazily).
+    The trial carries no ``pycma:*`` attrs, so the caller should end it (e.g.
+    ``study.tell(trial, state=TrialState.FAIL)``), wait for the pending trials
+    (:attr:`pending`, trial numbers) and ask again. :meth:`PyCmaSampler.is_busy`
+    checks beforehand, without creating a trial.
+    """
+
+    def __init__(self, generation: int, pending: Sequence[int]) -> None:
+        self.generation = generation
+        self.pending = list(pending)
+        super().__init__(
+            f"CMA generation {generation} has all slots taken; waiting for trials "
+            f"{self.pending} to finish before generation {generation + 1} can start"
+        )
+
+
+class ReplayMismatch(RuntimeError):
+    """The replayed candidates differ from the params recorded in the study.
+
+    The sampler was built with another seed, popsize, sigma0, x0 or search
+    space than the one that produced the study, or the history was edited.
+    """
+
+
+# ---------------------------------------------------------------- trial helpers
+
+
+def slot_of(trial: FrozenTrial) -> tuple[int, int] | None:
+    """The ``(generation, slot)`` a trial was sampled for, or None."""
+    g = trial.system_attrs.get(GENERATION_KEY)
+    s = trial.system_attrs.get(SLOT_KEY)
+    if isinstance(g, int) and isinstance(s, int):
+        return g, s
+    return None
+
+
+def is_candidate_failure(trial: FrozenTrial) -> bool:
+    """True for a FAIL trial whose candidate itself was bad (it won't be retried)."""
+    return trial.state == TrialState.FAIL and trial.user_attrs.get(FAILURE_ATTR) == CANDIDATE_FAILURE
+
+
+def _is_killed(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and not is_candidate_failure(trial)
+
+
+def retry_attrs(trial: FrozenTrial) -> dict[str, int]:
+    """System attrs a retry of ``trial`` must carry (empty if it has no CMA slot)."""
+    slot = slot_of(trial)
+    return {} if slot is None else {GENERATION_KEY: slot[0], SLOT_KEY: slot[1]}
+
+
+def enqueue_retry(study: Study, trial: FrozenTrial, *, user_attrs: dict[str, Any] | None = None) -> bool:
+    """Enqueue a WAITING retry of a killed trial: same params, same CMA slot.
+
+    Returns False (enqueueing nothing) when there is nothing to retry: the
+    trial has no CMA slot (it was killed before sampling), or its slot is
+    already decided by another trial. Raises ValueError for a trial that isn't
+    a killed FAIL (a candidate failure is a finished slot, not a retry).
+    """
+    if not _is_killed(trial):
+        raise ValueError(f"trial {trial.number} is {trial.state.name}, not a killed (FAIL, no {FAILURE_ATTR!r}) trial")
+    attrs = retry_attrs(trial)
+    if not attrs:
+        return False
+    key = slot_of(trial)
+    for other in study.get_trials(deepcopy=False):
+        if other.number != trial.number and slot_of(other) == key and not _is_killed(other):
+            return False  # decided, or a retry is already pending
+    study.add_trial(
+        create_trial(
+            state=TrialState.WAITING,
+            system_attrs={"fixed_params": dict(trial.params), **attrs},
+            user_attrs={"retry_of": trial.number, **(user_attrs or {})},
+        )
+    )
+    return True
+
+
+# ------------------------------------------------------------------ generations
+
+
+@dataclass(frozen=True)
+class _Generation:
+    number: int
+    popsize: int
+    slots: dict[int, list[FrozenTrial]]  # slot -> its trials, by trial number
+
+    def pending(self) -> list[int]:
+        return sorted(t.number for ts in self.slots.values() for t in ts if t.state in _PENDING)
+
+    def free_slot(self) -> int | None:
+        for s in range(self.popsize):
+            if all(_is_killed(t) for t in self.slots.get(s, [])):
+                return s
+        return None
+
+    def outcomes(self, sign: float) -> list[float | None] | None:
+        """Per slot: value in minimization sign, None if failed; None if not finished."""
+        if self.pending():
+            return None
+        out: list[float | None] = []
+        for s in range(self.popsize):
+            outcome = _slot_outcome(self.slots.get(s, []), sign)
+            if outcome is _UNDECIDED:
+                return None
+            out.append(outcome)  # type: ignore[arg-type]
+        return out
+
+
+_UNDECIDED = object()
+
+
+def _slot_outcome(trials: list[FrozenTrial], sign: float) -> float | None | object:
+    for t in trials:  # sorted by number: lowest COMPLETE wins
+        if t.state == TrialState.COMPLETE:
+            value = sign * float(t.value)  # type: ignore[arg-type]
+            return value if math.isfinite(value) else None
+    if any(t.state == TrialState.PRUNED or is_candidate_failure(t) for t in trials):
+        return None
+    return _UNDECIDED
+
+
+def told_values(outcomes: Sequence[float | None]) -> list[float]:
+    """Values told to pycma (minimizing): failures become worst + (spread or 1.0)."""
+    finite = [v for v in outcomes if v is not None]
+    if not finite:
+        return [ALL_FAILED_VALUE] * len(outcomes)
+    worst, spread = max(finite), max(finite) - min(finite)
+    penalty = worst + (spread if spread > 0 else 1.0)
+    return [penalty if v is None else v for v in outcomes]
+
+
+def _group(trials: Sequence[FrozenTrial], popsize: int) -> dict[int, _Generation]:
+    slots: dict[int, dict[int, list[FrozenTrial]]] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        key = slot_of(t)
+        if key is None:
+            continue
+        g, s = key
+        if not 0 <= s < popsize:
+            raise ReplayMismatch(f"trial {t.number} has slot {s} but popsize is {popsize}")
+        slots.setdefault(g, {}).setdefault(s, []).append(t)
+    return {g: _Generation(g, popsize, by_slot) for g, by_slot in slots.items()}
+
+
+# ----------------------------------------------------------------------- random
+
+
+def _generation_seed(seed: int, generation: int) -> int:
+    digest = hashlib.sha256(f"evomerge.pycma:{seed}:{generation}".encode()).digest()
+    return int.from_bytes(digest[:16], "big")
+
+
+@contextmanager
+def _sandbox() -> Iterator[None]:
+    """Restore numpy's global RNG and pycma's global verbosity afterwards; one replay at a time."""
+    with _GLOBAL_RNG_LOCK:
+        saved_state, saved_verbosity = np.random.get_state(), cma_utils.global_verbosity
+        try:
+            yield
+        finally:
+            np.random.set_state(saved_state)
+            cma_utils.global_verbosity = saved_verbosity
+
+
+class _GenerationRandn:
+    """Per-instance ``randn(*shape)`` for pycma, reseeded for each generation.
+
+    pycma keeps the callable it is given (a plain function survives its option
+    copying), so ``draw`` is a closure over this holder.
+    """
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+
+        def draw(*shape: int) -> np.ndarray:
+            return self.rng.standard_normal(shape)
+
+        self.draw: Callable[..., np.ndarray] = draw
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        np.random.seed(seed % 2**32)  # guard for pycma paths that use np.random directly
+
+
+# ---------------------------------------------------------------------- sampler
+
+
+class PyCmaSampler(BaseSampler):
+    """CMA-ES over a fixed space of bounded floats, replayed from the study.
+
+    CMA runs in the normalized cube [0, 1]^n (pycma ``bounds=[0, 1]``); each
+    dimension maps linearly onto its distribution's ``[low, high]``.
+
+    Args:
+        search_space: name -> ``FloatDistribution`` (bounded, no log, no step).
+            Every trial samples these through CMA, including the first.
+        seed: makes the whole search a deterministic function of the history;
+            also seeds the ``RandomSampler`` used for params outside the space.
+        popsize: candidates per generation (default pycma's
+            ``4 + floor(3 ln n)``).
+        sigma0: initial step size in normalized units (default 1/6).
+        x0: initial mean in each distribution's own units (default: the middle
+            of each range; missing names also take the middle).
+    """
+
+    def __init__(
+        self,
+        search_space: dict[str, FloatDistribution],
+        *,
+        seed: int,
+        popsize: int | None = None,
+        sigma0: float = 1 / 6,
+        x0: dict[str, float] | None = None,
+    ) -> None:
+        _validate_space(search_space)
+        n = len(search_space)
+        self._space: dict[str, FloatDistribution] = dict(search_space)
+        self._names = list(search_space)
+        self._seed = int(seed)
+        self._popsize = int(popsize) if popsize is not None else 4 + int(3 * math.log(n))
+        if self._popsize < 2:
+            raise ValueError(f"popsize must be >= 2, got {self._popsize}")
+        if not (sigma0 > 0 and math.isfinite(sigma0)):
+            raise ValueError(f"sigma0 must be a positive finite number, got {sigma0}")
+        self._sigma0 = float(sigma0)
+        self._x0 = _normalized_x0(self._space, x0 or {})
+        self._independent = RandomSampler(seed=seed)
+
+    @property
+    def popsize(self) -> int:
+        return self._popsize
+
+    @property
+    def search_space(self) -> dict[str, FloatDistribution]:
+        return dict(self._space)
+
+    # -- BaseSampler -----------------------------------------------------------
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        _require_single_objective(study)
+        return dict(self._space)
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        _require_single_objective(study)
+        if not search_space:
+            return {}
+        carried = slot_of(trial)  # a retry carries the slot of the trial it replaces
+        if carried is None and "fixed_params" in trial.system_attrs:
+            return {}  # a user-enqueued trial: not part of the CMA search
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        generations = _group(trials, self._popsize)
+        sign = _sign(study)
+        if carried is None:
+            finished, (g, s) = self._next_slot(generations, sign)
+        else:
+            g, s = carried
+            finished = self._finished_before(generations, g, sign)
+        candidates = self._replay(finished, generations)
+        if carried is None:
+            study._storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, g)
+            study._storage.set_trial_system_attr(trial._trial_id, SLOT_KEY, s)
+        return self._to_params(candidates[s])
+
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self._independent.sample_independent(study, trial, param_name, param_distribution)
+
+    def reseed_rng(self) -> None:
+        """Reseed the independent sampler only; CMA stays a function of ``seed``."""
+        self._independent.reseed_rng()
+
+    # -- public helpers --------------------------------------------------------
+
+    def is_busy(self, study: Study) -> bool:
+        """True if a new trial would raise :class:`GenerationBusy` right now."""
+        try:
+            self._next_slot(_group(study.get_trials(deepcopy=False), self._popsize), _sign(study))
+        except GenerationBusy:
+            return True
+        return False
+
+    # -- internals -------------------------------------------------------------
+
+    def _next_slot(
+        self, generations: dict[int, _Generation], sign: float
+    ) -> tuple[list[list[float]], tuple[int, int]]:
+        """Told values of the finished prefix, and the (generation, slot) to take."""
+        finished: list[list[float]] = []
+        g = 0
+        while True:
+            gen = generations.get(g, _Generation(g, self._popsize, {}))
+            outcomes = gen.outcomes(sign)
+            if outcomes is None:
+                slot = gen.free_slot()
+                if slot is None:
+                    raise GenerationBusy(g, gen.pending())
+                return finished, (g, slot)
+            finished.append(told_values(outcomes))
+            g += 1
+
+    def _finished_before(self, generations: dict[int, _Generation], g: int, sign: float) -> list[list[float]]:
+        finished = []
+        for i in range(g):
+            outcomes = generations.get(i, _Generation(i, self._popsize, {})).outcomes(sign)
+            if outcomes is None:
+                raise ReplayMismatch(f"a trial of generation {g} exists but generation {i} is not finished")
+            finished.append(told_values(outcomes))
+        return finished
+
+    def _new_strategy(self, randn: _GenerationRandn) -> cma.CMAEvolutionStrategy:
+        options = {
+            "bounds": [0.0, 1.0],
+            "popsize": self._popsize,
+            "randn": randn.draw,
+            "seed": float("nan"),  # don't touch the global RNG at construction
+            "verbose": -9,
+            "verb_log": 0,  # no outcmaes/ files
+            "verb_disp": 0,
+        }
+        return cma.CMAEvolutionStrategy(list(self._x0), self._sigma0, options)
+
+    def _replay(self, finished: list[list[float]], generations: dict[int, _Generation]) -> list[np.ndarray]:
+        """Rebuild CMA, tell the finished generations, return the next generation's candidates."""
+        with _sandbox():
+            randn = _GenerationRandn()
+            es = self._new_strategy(randn)
+            for g, values in enumerate(finished):
+                candidates = self._ask(es, randn, g)
+                self._check_recorded(generations.get(g), candidates)
+                es.tell(candidates, values)
+            candidates = self._ask(es, randn, len(finished))
+        self._check_recorded(generations.get(len(finished)), candidates)
+        return [np.array(x, dtype=float) for x in candidates]
+
+    def _ask(self, es: cma.CMAEvolutionStrategy, randn: _GenerationRandn, generation: int) -> list[np.ndarray]:
+        randn.reseed(_generation_seed(self._seed, generation))
+        return es.ask()
+
+    def _to_params(self, u: np.ndarray) -> dict[str, float]:
+        params = {}
+        for name, ui in zip(self._names, u):
+            d = self._space[name]
+            params[name] = min(max(d.low + float(ui) * (d.high - d.low), d.low), d.high)
+        return params
+
+    def _check_recorded(self, gen: _Generation | None, candidates: list[np.ndarray]) -> None:
+        if gen is None:
+            return
+        for s, trials in gen.slots.items():
+            expected = self._to_params(candidates[s])
+            for t in trials:
+                for name, value in expected.items():
+                    if name in t.params and not _close(t.params[name], value, self._space[name]):
+                        raise ReplayMismatch(
+                            f"trial {t.number} (generation {gen.number}, slot {s}) has {name}={t.params[name]!r} "
+                            f"but the replay gives {value!r}: the sampler's seed/popsize/sigma0/x0/search space "
+                            "differ from the run that produced this study"
+                        )
+
+
+# ------------------------------------------------------------------- validation
+
+
+def _validate_space(search_space: dict[str, FloatDistribution]) -> None:
+    if not search_space:
+        raise ValueError("search_space is empty")
+    for name, d in search_space.items():
+        if not isinstance(d, FloatDistribution) or d.log or d.step is not None:
+            raise ValueError(f"{name}: PyCmaSampler supports only FloatDistribution without log/step, got {d!r}")
+        if not (math.isfinite(d.low) and math.isfinite(d.high) and d.high > d.low):
+            raise ValueError(f"{name}: needs finite bounds with high > low, got [{d.low}, {d.high}]")
+
+
+def _normalized_x0(space: dict[str, FloatDistribution], x0: dict[str, float]) -> list[float]:
+    unknown = set(x0) - set(space)
+    if unknown:
+        raise ValueError(f"x0 names not in the search space: {sorted(unknown)}")
+    out = []
+    for name, d in space.items():
+        value = float(x0.get(name, (d.low + d.high) / 2))
+        if not d.low <= value <= d.high:
+            raise ValueError(f"x0[{name!r}]={value} is outside [{d.low}, {d.high}]")
+        out.append((value - d.low) / (d.high - d.low))
+    return out
+
+
+def _require_single_objective(study: Study) -> None:
+    if len(study.directions) != 1:
+        raise ValueError("PyCmaSampler supports single-objective studies only")
+
+
+def _sign(study: Study) -> float:
+    return -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+
+
+def _close(recorded: Any, replayed: float, d: FloatDistribution) -> bool:
+    return math.isclose(float(recorded), replayed, rel_tol=1e-9, abs_tol=1e-12 * (d.high - d.low))
+

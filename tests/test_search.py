@@ -1,0 +1,180 @@
+"""The search loop on the zoo: exact resume after SIGKILL, failing candidates, archive, and
+bad configs that must not touch an existing study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from evomerge.cli import main
+from evomerge.config import load_config
+from evomerge.search.loop import Search
+
+FAST_FITNESS = {"kind": "zoo_skills", "n_examples": 24, "objectives": [{"name": s, "metric": s} for s in ("rev", "srt", "cae")],
+                "scalarization": {"rev": 1.0, "srt": 1.0, "cae": 1.0}}
+
+
+def write_config(tmp_path, zoo, name="t", sampler="cmaes", n_trials=6, **extra):
+    (tmp_path / "fitness.yaml").write_text(yaml.safe_dump(FAST_FITNESS))
+    config = {"name": name, "models": [str(zoo / f"expert_{s}") for s in ("rev", "srt", "cae")],
+              "base_model": str(zoo / "base"), "search_space": "search_spaces/ps_ties_dare.yaml",
+              "fitness": str(tmp_path / "fitness.yaml"), "sampler": sampler, "budget": {"n_trials": n_trials},
+              "seed": 0, "storage": f"sqlite:///{tmp_path}/{name}.db", "device": "cpu", "dtype": "float32",
+              "heartbeat": {"interval": 1, "grace": 3}, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def trials_of(path):
+    config = load_config(path)
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage)
+    return study.get_trials(deepcopy=False)
+
+
+def completed_sequence(path):
+    return [(t.params, t.user_attrs["objectives"]) for t in trials_of(path) if t.state == TrialState.COMPLETE]
+
+
+def run_cli(path, *args, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", "run", str(path), "--quiet", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for_running_trial_after(path, k, timeout=240):
+    """Until k trials are complete and the next one is running (the moment to SIGKILL the worker)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            states = [t.state for t in trials_of(path)]
+        except KeyError:  # the study is not created yet
+            states = []
+        if states.count(TrialState.COMPLETE) >= k and TrialState.RUNNING in states:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"no running trial after {k} completed")
+
+
+@pytest.mark.parametrize("sampler, kills", [("cmaes", [0, 4, 9]), ({"name": "nsga2", "population_size": 4}, [3, 6])],
+                         ids=["cmaes", "nsga2"])
+def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, zoo, sampler, kills):
+    n = 12
+    straight = write_config(tmp_path, zoo, "straight", sampler, n)
+    assert main(["run", str(straight), "--quiet"]) == 0
+    killed = write_config(tmp_path, zoo, "killed", sampler, n)
+    for k in kills:  # kill while trial k+1 is running (mid-generation for most k)
+        proc = run_cli(killed)
+        wait_for_running_trial_after(killed, k)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = run_cli(killed)
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    assert completed_sequence(killed) == completed_sequence(straight)
+    states = [t.state for t in trials_of(killed)]
+    assert states.count(TrialState.COMPLETE) == n and TrialState.RUNNING not in states
+
+
+def test_rerunning_a_finished_study_adds_nothing(tmp_path, zoo):
+    path = write_config(tmp_path, zoo, n_trials=3)
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert len(trials_of(path)) == 3
+    assert main(["run", str(path), "--quiet", "--n-trials", "4"]) == 0
+    assert sum(t.state == TrialState.COMPLETE for t in trials_of(path)) == 4
+
+
+def test_every_trial_records_what_it_was(tmp_path, zoo):
+    path = write_config(tmp_path, zoo, n_trials=2)
+    assert main(["run", str(path), "--quiet"]) == 0
+    for trial in trials_of(path):
+        attrs = trial.user_attrs
+        assert set(attrs["objectives"]) == {"rev", "srt", "cae"}
+        assert {"rev", "srt", "cae", "mean"} <= set(attrs["scores"])
+        assert {"materialize_s", "evaluate_s", "overhead_s"} == set(attrs["timings"])
+        assert json.loads(attrs["recipe"])["method"] == "dare_ties" and attrs["device"] == "cpu"
+        json.dumps(trial.system_attrs)  # nothing but JSON in the database
+
+
+def test_a_failing_candidate_fails_its_trial_and_the_search_goes_on(tmp_path, zoo, monkeypatch):
+    path = write_config(tmp_path, zoo, n_trials=3)
+    search = Search(load_config(path))
+    real_score, calls = search.score, []
+
+    def flaky(params):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_score(params)
+
+    monkeypatch.setattr(search, "score", flaky)
+    search.run()
+    trials = trials_of(path)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "out of memory" in failed[0].user_attrs["error"]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+
+
+def test_archive_status_and_export(tmp_path, zoo, capsys):
+    path = write_config(tmp_path, zoo, n_trials=4)
+    assert main(["run", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["archive", str(path), "--json", "--plot", str(tmp_path / "front.png")]) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert front and all({"number", "values", "recipe"} <= set(e) for e in front)
+    assert (tmp_path / "front.png").stat().st_size > 1000
+    assert main(["status", str(path)]) == 0
+    assert "4 done / 4 budget" in capsys.readouterr().out
+    best = front[0]["number"]
+    assert main(["export", str(path), "--trial", str(best), "--out", str(tmp_path / "best")]) == 0
+    assert (tmp_path / "best" / "model.safetensors").is_file()
+    assert main(["export", str(path), "--trial", "99", "--out", str(tmp_path / "none")]) == 2
+    assert "no trial 99" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sampler": "cmaes2"}, "unknown sampler 'cmaes2'"),
+    ({"models": ["no/such/model"]}, "no such directory"),
+    ({"search_space": "search_spaces/missing.yaml"}, "search_space: file search_spaces/missing.yaml not found"),
+    ({"budget": {"n_trials": 0}}, "n_trials: expected an integer >= 1"),
+    ({"storage": "postgresql://u:secret@127.0.0.1:1/x"}, "cannot open storage postgresql://u:***@127.0.0.1:1/x"),
+    ({"colour": "red"}, "unknown key(s) ['colour']"),
+])
+def test_bad_configs_give_one_line_and_leave_the_study_alone(tmp_path, zoo, capsys, change, message):
+    good = write_config(tmp_path, zoo, n_trials=1)
+    assert main(["run", str(good), "--quiet"]) == 0
+    storage = f"sqlite:///{tmp_path}/t.db"
+
+    def snapshot():
+        trials = optuna.load_study(study_name="t", storage=storage).get_trials(deepcopy=False)
+        return [(t.number, t.state, t.params, t.user_attrs) for t in trials]
+
+    before = snapshot()
+    data = yaml.safe_load(good.read_text())
+    data.update(change)
+    good.write_text(yaml.safe_dump(data))
+    capsys.readouterr()
+    assert main(["run", str(good), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "secret" not in err[0], err
+    assert snapshot() == before
+
+
+def test_resuming_with_another_search_space_is_refused(tmp_path, zoo, capsys):
+    path = write_config(tmp_path, zoo, n_trials=1)
+    assert main(["run", str(path), "--quiet"]) == 0
+    data = yaml.safe_load(path.read_text())
+    data["search_space"] = "search_spaces/ps_task_arithmetic.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path), "--quiet"]) == 2
+    assert "different search_space" in capsys.readouterr().err
