@@ -178,3 +178,15 @@ def test_resuming_with_another_search_space_is_refused(tmp_path, zoo, capsys):
     path.write_text(yaml.safe_dump(data))
     assert main(["run", str(path), "--quiet"]) == 2
     assert "different search_space" in capsys.readouterr().err
+
+
+def test_a_second_worker_on_sqlite_is_refused(tmp_path, zoo, capsys):
+    path = write_config(tmp_path, zoo, n_trials=50)
+    proc = run_cli(path)
+    try:
+        wait_for_running_trial_after(path, 0)
+        assert main(["run", str(path), "--quiet"]) == 2
+        assert "SQLite cannot share a study between workers" in capsys.readouterr().err
+    finally:
+        proc.kill()
+        proc.wait()

@@ -365,6 +365,9 @@ class PyCmaSampler(BaseSampler):
         self._sigma0 = float(sigma0)
         self._x0 = _normalized_x0(self._space, x0 or {})
         self._independent = RandomSampler(seed=seed)
+        # In-memory only (never stored): the strategy after the last replay, so a long-lived sampler
+        # tells just the generations finished since, instead of replaying the whole history per trial.
+        self._memo: tuple[list[list[float]], cma.CMAEvolutionStrategy, _GenerationRandn, list[np.ndarray]] | None = None
 
     @property
     def popsize(self) -> int:
@@ -463,17 +466,28 @@ class PyCmaSampler(BaseSampler):
         return cma.CMAEvolutionStrategy(list(self._x0), self._sigma0, options)
 
     def _replay(self, finished: list[list[float]], generations: dict[int, _Generation]) -> list[np.ndarray]:
-        """Rebuild CMA, tell the finished generations, return the next generation's candidates."""
+        """Rebuild CMA, tell the finished generations, return the next generation's candidates.
+
+        Resumes from the memo when its told values are a prefix of `finished` (they always are
+        in one process: finished generations never change), else starts from scratch."""
         with _sandbox():
-            randn = _GenerationRandn()
-            es = self._new_strategy(randn)
-            for g, values in enumerate(finished):
-                candidates = self._ask(es, randn, g)
+            start, es, randn, candidates = self._resume_point(finished)
+            for g in range(start, len(finished)):
                 self._check_recorded(generations.get(g), candidates)
-                es.tell(candidates, values)
-            candidates = self._ask(es, randn, len(finished))
+                es.tell(candidates, finished[g])
+                candidates = self._ask(es, randn, g + 1)
+            self._memo = ([list(v) for v in finished], es, randn, candidates)
         self._check_recorded(generations.get(len(finished)), candidates)
         return [np.array(x, dtype=float) for x in candidates]
+
+    def _resume_point(self, finished: list[list[float]]):
+        if self._memo is not None:
+            told, es, randn, candidates = self._memo
+            if len(told) <= len(finished) and finished[: len(told)] == told:
+                return len(told), es, randn, candidates
+        randn = _GenerationRandn()
+        es = self._new_strategy(randn)
+        return 0, es, randn, self._ask(es, randn, 0)
 
     def _ask(self, es: cma.CMAEvolutionStrategy, randn: _GenerationRandn, generation: int) -> list[np.ndarray]:
         randn.reseed(_generation_seed(self._seed, generation))

@@ -24,7 +24,8 @@ from evomerge.merge.materialize import Materializer
 from evomerge.search.cma_sampler import CANDIDATE_FAILURE, FAILURE_ATTR, GenerationBusy, PyCmaSampler
 from evomerge.search.genome import Genome
 from evomerge.search.samplers import make_sampler
-from evomerge.search.study import Heartbeat, claim, open_storage, open_study, recover_dead_trials, retry_dead_trial
+from evomerge.search.study import (Heartbeat, claim, open_storage, open_study, recover_dead_trials,
+                                   refuse_second_sqlite_worker, retry_dead_trial)
 
 MAX_CONSECUTIVE_FAILURES = 20
 BUSY_WAIT_S = 2.0
@@ -49,6 +50,7 @@ class Search:
         self.evaluator: Evaluator = build_evaluator(config.fitness, tokenizer_source)
         self.storage = open_storage(config.storage, config.heartbeat)
         self.study = open_study(config, self.storage, create=True)
+        refuse_second_sqlite_worker(self.study, config.storage)
 
     def counts(self) -> dict[TrialState, int]:
         trials = self.study.get_trials(deepcopy=False)
@@ -95,7 +97,7 @@ class Search:
 
     def run_one(self, n_complete: int, n_running: int) -> dict[str, Any] | None:
         trial_start = time.perf_counter()
-        sampler = self.study.sampler = make_sampler(self.config, self.genome, n_complete, n_running)
+        sampler = self.study.sampler = make_sampler(self.config, self.genome, n_complete, n_running, self.study.sampler)
         if isinstance(sampler, PyCmaSampler) and not self._waiting() and sampler.is_busy(self.study):
             time.sleep(BUSY_WAIT_S)  # other workers hold the rest of this CMA-ES generation
             return None

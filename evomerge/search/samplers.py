@@ -24,9 +24,14 @@ def trial_seed(seed: int, n_complete: int, n_running: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def make_sampler(config: RunConfig, genome: Genome, n_complete: int, n_running: int) -> BaseSampler:
+def make_sampler(config: RunConfig, genome: Genome, n_complete: int, n_running: int,
+                 previous: BaseSampler | None = None) -> BaseSampler:
+    """The sampler for the next ask; CMA-ES keeps its instance (`previous`), whose in-memory
+    memo spares replaying the whole history on every trial."""
     options = dict(config.sampler_options)
     if config.sampler == "cmaes":
+        if isinstance(previous, PyCmaSampler):
+            return previous
         return PyCmaSampler(genome.distributions, seed=config.seed, x0=genome.x0, **options)
     seed = trial_seed(config.seed, n_complete, n_running)
     if config.sampler == "nsga2":

@@ -116,6 +116,19 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     return recovered
 
 
+def refuse_second_sqlite_worker(study: optuna.Study, url: str) -> None:
+    """SQLite ignores row locks, so two workers can pop one queued trial twice: one worker per SQLite study."""
+    if not url.startswith("sqlite"):
+        return
+    recover_dead_trials(study)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        worker = running[0].system_attrs.get(WORKER) or {}
+        raise EvomergeError(f"another worker (pid {worker.get('pid', '?')} on {worker.get('host', '?')}) is running trial "
+                            f"{running[0].number} of this SQLite study; SQLite cannot share a study between workers: "
+                            "use a postgresql:// storage URL for several workers")
+
+
 def claim(study: optuna.Study, trial_id: int) -> None:
     """Mark the trial as this process's and beat once, so it is recoverable if the process dies."""
     study._storage.set_trial_system_attr(trial_id, WORKER, {"host": HOST, "pid": os.getpid()})
