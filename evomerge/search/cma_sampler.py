@@ -97,15 +97,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import cma
-import cma.utilities.utils as cma_utils
 import numpy as np
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState, create_trial
+
+if TYPE_CHECKING:  # pycma is imported when first used: it pulls in matplotlib (~1 s at start-up)
+    import cma
 
 __all__ = [
     "ALL_FAILED_VALUE",
@@ -293,6 +294,8 @@ def _generation_seed(seed: int, generation: int) -> int:
 @contextmanager
 def _sandbox() -> Iterator[None]:
     """Restore numpy's global RNG and pycma's global verbosity afterwards; one replay at a time."""
+    import cma.utilities.utils as cma_utils
+
     with _GLOBAL_RNG_LOCK:
         saved_state, saved_verbosity = np.random.get_state(), cma_utils.global_verbosity
         try:
@@ -463,6 +466,8 @@ class PyCmaSampler(BaseSampler):
             "verb_log": 0,  # no outcmaes/ files
             "verb_disp": 0,
         }
+        import cma
+
         return cma.CMAEvolutionStrategy(list(self._x0), self._sigma0, options)
 
     def _replay(self, finished: list[list[float]], generations: dict[int, _Generation]) -> list[np.ndarray]:

@@ -29,12 +29,11 @@ FINGERPRINT = "evomerge:fingerprint"
 OBJECTIVES = "evomerge:objectives"
 WORKER = "evomerge:worker"
 HOST = socket.gethostname()
-retry_dead_trial = RetryHeartbeatStaleTrialCallback(max_retry=1)
-
 # Heartbeats in an ask/tell loop are what Optuna's docs prescribe for it; its warnings say otherwise.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
-warnings.filterwarnings("ignore", message=".*fail_stale_trials is experimental")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
+                        message=".*(RetryHeartbeatStaleTrialCallback|heartbeat_interval|fail_stale_trials)")
+retry_dead_trial = RetryHeartbeatStaleTrialCallback(max_retry=1)
 
 
 def redact(url: str) -> str:
