@@ -23,7 +23,7 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.fitness import FitnessSpec
 from evomerge.search.genome import SearchSpace
-from evomerge.yamlio import load_yaml_mapping
+from evomerge.yamlio import check_keys, load_yaml_mapping
 
 SAMPLERS = {
     "cmaes": {"popsize", "sigma0"},
@@ -86,9 +86,7 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
     path = Path(path)
     where = str(path)
     data = load_yaml_mapping(path, "run config")
-    unknown = set(data) - _KEYS
-    if unknown:
-        raise EvomergeError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(_KEYS)}")
+    check_keys(data, _KEYS, where)
     for key in ("models", "search_space", "fitness"):
         if key not in data:
             raise EvomergeError(f"{where}: missing key {key!r}")

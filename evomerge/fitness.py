@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from evomerge.errors import EvomergeError
-from evomerge.yamlio import load_yaml_mapping
+from evomerge.yamlio import check_keys, load_yaml_mapping
 from evomerge.zoo import EVAL_SEED, SKILLS, exact_match, make_examples
 
 COST_METRICS = ("param_count",)
@@ -56,9 +56,7 @@ class FitnessSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "fitness spec") -> "FitnessSpec":
-        unknown = set(data) - _KEYS
-        if unknown:
-            raise EvomergeError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(_KEYS)}")
+        check_keys(data, _KEYS, where)
         kind = data.get("kind")
         if kind not in EVALUATORS:
             raise EvomergeError(f"{where}: kind must be one of {sorted(EVALUATORS)}, got {kind!r}")

@@ -27,7 +27,7 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
-from evomerge.yamlio import load_yaml_mapping
+from evomerge.yamlio import check_keys, load_yaml_mapping
 
 DTYPES = ("bfloat16", "float16", "float32")
 _LAYER = re.compile(r"^(.*?\blayers\.(\d+)\.)")
@@ -75,9 +75,7 @@ class Recipe:
         if not isinstance(data, dict):
             raise EvomergeError(f"{where}: expected a mapping with keys method, models, ...; got {type(data).__name__}")
         known = {"method", "models", "base_model", "parameters", "layer_granularity", "seed", "dtype"}
-        unknown = set(data) - known
-        if unknown:
-            raise EvomergeError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        check_keys(data, known, where)
         for key in ("method", "models"):
             if key not in data:
                 raise EvomergeError(f"{where}: missing key {key!r}")

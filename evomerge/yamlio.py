@@ -25,3 +25,10 @@ def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise EvomergeError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     return data
+
+
+def check_keys(data: dict[str, Any], known: set[str], where: str) -> None:
+    """Refuse typos early: an unknown key is named with the keys that are allowed."""
+    unknown = set(data) - known
+    if unknown:
+        raise EvomergeError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")

@@ -29,7 +29,7 @@ from optuna.distributions import FloatDistribution
 from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
 from evomerge.recipe import Recipe, Source, n_groups
-from evomerge.yamlio import load_yaml_mapping
+from evomerge.yamlio import check_keys, load_yaml_mapping
 
 _KEYS = {"method", "layer_granularity", "per_source", "shared", "options", "seed", "description"}
 
@@ -56,9 +56,7 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "search space") -> "SearchSpace":
-        unknown = set(data) - _KEYS
-        if unknown:
-            raise EvomergeError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(_KEYS)}")
+        check_keys(data, _KEYS, where)
         if "method" not in data:
             raise EvomergeError(f"{where}: missing key 'method'")
         method = get_method(data["method"])
