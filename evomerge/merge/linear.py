@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.registry import MergeMethod, compute_dtype, register
-from evomerge.merge.task_arithmetic import CHUNK_ELEMENTS
+from evomerge.merge.registry import MergeMethod, chunk_elements, compute_dtype, register
 
 
 def linear(base, sources, params, options, rng, out):
@@ -20,10 +19,11 @@ def linear(base, sources, params, options, rng, out):
     total = torch.stack(weights).sum()
     numel = first.numel()
     flat_out, flat_sources = out.view(-1), [s.reshape(-1) for s in sources]
-    acc = torch.empty(min(CHUNK_ELEMENTS, numel), dtype=dtype, device=first.device)
+    chunk = chunk_elements(first.device)
+    acc = torch.empty(min(chunk, numel), dtype=dtype, device=first.device)
     buf = torch.empty_like(acc)
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, numel)
+    for start in range(0, numel, chunk):
+        stop = min(start + chunk, numel)
         acc_c, buf_c = acc[: stop - start].zero_(), buf[: stop - start]
         for source, weight in zip(flat_sources, weights):
             buf_c.copy_(source[start:stop])  # convert once; addcmul on float32 is mergekit's exact kernel

@@ -14,13 +14,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.registry import MergeMethod, compute_dtype, register
+from evomerge.merge.registry import MergeMethod, chunk_elements, compute_dtype, register
 from evomerge.merge.rng import TensorRNG
 
 # sparsifier(delta, params_of_this_source, rng) -> mask (bool or float, same shape) or None for "keep all"
 Sparsifier = Callable[[torch.Tensor, dict[str, float], TensorRNG | None], torch.Tensor | None]
 
-CHUNK_ELEMENTS = 1 << 18  # fits the float32 scratch of a few sources in L2
 RESCALE_MODES = ("l1", "inverse_density")
 
 
@@ -97,20 +96,21 @@ def generalized_task_arithmetic(
     deltas = _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) if sparse else None
     n, numel = len(sources), base.numel()
     flat_out, flat_base, flat_sources = out.view(-1), base.reshape(-1), [s.reshape(-1) for s in sources]
-    base_buf = torch.empty(min(CHUNK_ELEMENTS, numel), dtype=dtype, device=base.device)
+    chunk = chunk_elements(base.device)
+    base_buf = torch.empty(min(chunk, numel), dtype=dtype, device=base.device)
     delta_buf = torch.empty((n, base_buf.numel()), dtype=dtype, device=base.device) if deltas is None else None
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, numel)
+    for start in range(0, numel, chunk):
+        stop = min(start + chunk, numel)
         base_c = base_buf[: stop - start]
         base_c.copy_(flat_base[start:stop])
         if deltas is not None:
-            chunk = deltas.view(n, -1)[:, start:stop]
+            block = deltas.view(n, -1)[:, start:stop]
         else:
-            chunk = delta_buf[:, : stop - start]
+            block = delta_buf[:, : stop - start]
             for i, source in enumerate(flat_sources):
-                chunk[i].copy_(source[start:stop])
-                chunk[i].sub_(base_c)
-        flat_out[start:stop] = combine(base_c, chunk, weights, consensus, options["normalize"], options["lambda"])
+                block[i].copy_(source[start:stop])
+                block[i].sub_(base_c)
+        flat_out[start:stop] = combine(base_c, block, weights, consensus, options["normalize"], options["lambda"])
     return out
 
 
