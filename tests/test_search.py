@@ -65,10 +65,12 @@ def wait_for_running_trial_after(path, k, timeout=240):
     raise TimeoutError(f"no running trial after {k} completed")
 
 
-@pytest.mark.parametrize("sampler, kills", [("cmaes", [0, 4, 9]), ({"name": "nsga2", "population_size": 4}, [3, 6])],
+@pytest.mark.parametrize("sampler, kills", [({"name": "cmaes", "popsize": 4}, [2, 4, 7]),
+                                             ({"name": "nsga2", "population_size": 4}, [0, 5])],
                          ids=["cmaes", "nsga2"])
 def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, zoo, sampler, kills):
-    n = 12
+    """Killed mid-generation, at a generation boundary and during the first trial."""
+    n = 10
     straight = write_config(tmp_path, zoo, "straight", sampler, n)
     assert main(["run", str(straight), "--quiet"]) == 0
     killed = write_config(tmp_path, zoo, "killed", sampler, n)
@@ -149,6 +151,8 @@ def test_archive_status_and_export(tmp_path, zoo, capsys):
     ({"budget": {"n_trials": 0}}, "n_trials: expected an integer >= 1"),
     ({"storage": "postgresql://u:secret@127.0.0.1:1/x"}, "cannot open storage postgresql://u:***@127.0.0.1:1/x"),
     ({"colour": "red"}, "unknown key(s) ['colour']"),
+    ({"search_space": "SPACE:{method: tiez, per_source: {weight: {low: 0, high: 1}}}"}, "unknown merge method 'tiez'"),
+    ({"search_space": "SPACE:{method: ties, per_source: {weight: {low: 1.5, high: 0}}}"}, "low (1.5) must be below high (0)"),
 ])
 def test_bad_configs_give_one_line_and_leave_the_study_alone(tmp_path, zoo, capsys, change, message):
     good = write_config(tmp_path, zoo, n_trials=1)
@@ -161,6 +165,9 @@ def test_bad_configs_give_one_line_and_leave_the_study_alone(tmp_path, zoo, caps
 
     before = snapshot()
     data = yaml.safe_load(good.read_text())
+    if str(change.get("search_space", "")).startswith("SPACE:"):  # a search space file with that content
+        (tmp_path / "space.yaml").write_text(change["search_space"][len("SPACE:"):])
+        change = {"search_space": str(tmp_path / "space.yaml")}
     data.update(change)
     good.write_text(yaml.safe_dump(data))
     capsys.readouterr()
