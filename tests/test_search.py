@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,14 @@ def test_archive_status_and_export(tmp_path, zoo, capsys):
     assert "no trial 99" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def one_trial_study(tmp_path_factory, zoo):
+    """A study with one completed trial, made once; each bad-config case works on a copy."""
+    folder = tmp_path_factory.mktemp("one_trial")
+    assert main(["run", str(write_config(folder, zoo, n_trials=1)), "--quiet"]) == 0
+    return folder
+
+
 @pytest.mark.parametrize("change, message", [
     ({"sampler": "cmaes2"}, "unknown sampler 'cmaes2'"),
     ({"models": ["no/such/model"]}, "no such directory"),
@@ -154,23 +163,22 @@ def test_archive_status_and_export(tmp_path, zoo, capsys):
     ({"search_space": "SPACE:{method: tiez, per_source: {weight: {low: 0, high: 1}}}"}, "unknown merge method 'tiez'"),
     ({"search_space": "SPACE:{method: ties, per_source: {weight: {low: 1.5, high: 0}}}"}, "low (1.5) must be below high (0)"),
 ])
-def test_bad_configs_give_one_line_and_leave_the_study_alone(tmp_path, zoo, capsys, change, message):
-    good = write_config(tmp_path, zoo, n_trials=1)
-    assert main(["run", str(good), "--quiet"]) == 0
-    storage = f"sqlite:///{tmp_path}/t.db"
+def test_bad_configs_give_one_line_and_leave_the_study_alone(tmp_path, one_trial_study, capsys, change, message):
+    good = tmp_path / "t.yaml"
+    shutil.copy(one_trial_study / "t.db", tmp_path / "t.db")
+    data = yaml.safe_load((one_trial_study / "t.yaml").read_text())
+    storage = data["storage"] = f"sqlite:///{tmp_path}/t.db"
 
     def snapshot():
         trials = optuna.load_study(study_name="t", storage=storage).get_trials(deepcopy=False)
         return [(t.number, t.state, t.params, t.user_attrs) for t in trials]
 
     before = snapshot()
-    data = yaml.safe_load(good.read_text())
     if str(change.get("search_space", "")).startswith("SPACE:"):  # a search space file with that content
         (tmp_path / "space.yaml").write_text(change["search_space"][len("SPACE:"):])
         change = {"search_space": str(tmp_path / "space.yaml")}
     data.update(change)
     good.write_text(yaml.safe_dump(data))
-    capsys.readouterr()
     assert main(["run", str(good), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "secret" not in err[0], err
