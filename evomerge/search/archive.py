@@ -54,19 +54,32 @@ def pareto_archive(study: optuna.Study, names: Sequence[str], directions: Sequen
             for t, keep in zip(trials, mask) if keep]
 
 
-def hypervolume_history(study: optuna.Study, names: Sequence[str], directions: Sequence[str],
-                        reference: Sequence[float] | None = None) -> list[tuple[int, float]]:
-    """(trials completed, hypervolume of the front so far), in completion order. The reference point is
-    the worst value seen per objective unless given (in the objectives' own units)."""
+def _losses_in_completion_order(study: optuna.Study, names: Sequence[str], directions: Sequence[str]) -> np.ndarray:
     trials = sorted(completed(study, names), key=lambda t: t.datetime_complete or t.datetime_start)
-    if not trials:
+    values = np.array([[t.user_attrs["objectives"][n] for n in names] for t in trials], dtype=float)
+    return to_losses(values.reshape(len(trials), len(names)), directions)
+
+
+def _hypervolume(losses: np.ndarray, ref: np.ndarray) -> float:
+    inside = losses[np.all(losses <= ref, axis=1)]
+    return float(compute_hypervolume(inside[non_dominated(inside)], ref)) if len(inside) else 0.0
+
+
+def hypervolume(study: optuna.Study, names: Sequence[str], directions: Sequence[str]) -> float:
+    """Hypervolume of the archive, the reference point being the worst value seen per objective."""
+    losses = _losses_in_completion_order(study, names, directions)
+    return _hypervolume(losses, losses.max(axis=0)) if len(losses) else 0.0
+
+
+def hypervolume_history(study: optuna.Study, names: Sequence[str], directions: Sequence[str]) -> list[tuple[int, float]]:
+    """(trials completed, hypervolume so far), in completion order, against the final reference point
+    (the worst value seen per objective), so the curve is comparable along the study."""
+    losses = _losses_in_completion_order(study, names, directions)
+    if not len(losses):
         return []
-    losses = to_losses(np.array([[t.user_attrs["objectives"][n] for n in names] for t in trials], dtype=float), directions)
-    ref = to_losses(np.array([reference], dtype=float), directions)[0] if reference is not None else losses.max(axis=0)
-    history, front = [], np.empty((0, losses.shape[1]))
+    ref, history, front = losses.max(axis=0), [], losses[:0]
     for i, row in enumerate(losses, start=1):
-        if np.all(row <= ref):
-            front = np.vstack([front, row])
-            front = front[non_dominated(front)]
-        history.append((i, float(compute_hypervolume(front, ref)) if len(front) else 0.0))
+        front = np.vstack([front, row])
+        front = front[non_dominated(front)]
+        history.append((i, _hypervolume(front, ref)))
     return history

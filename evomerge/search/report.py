@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.config import RunConfig
-from evomerge.search.archive import ArchiveEntry, completed, hypervolume_history, pareto_archive
+from evomerge.search.archive import ArchiveEntry, completed, hypervolume, hypervolume_history, pareto_archive
 
 
 def _objectives(config: RunConfig) -> tuple[list[str], list[str]]:
@@ -32,9 +32,8 @@ def status_text(config: RunConfig, study: optuna.Study) -> str:
             pick = max if direction == "maximize" else min
             best = pick(done, key=lambda t: t.user_attrs["objectives"][name])
             lines.append(f"best {name} ({direction}): {best.user_attrs['objectives'][name]:.4g} (trial {best.number})")
-    history = hypervolume_history(study, names, directions)
-    if history:
-        lines.append(f"hypervolume: {history[-1][1]:.4g} (reference: worst value seen per objective)")
+    if done:
+        lines.append(f"hypervolume: {hypervolume(study, names, directions):.4g} (reference: worst value seen per objective)")
     left = max(0, config.n_trials - count[TrialState.COMPLETE])
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done[-50:]
                  if t.datetime_complete and t.datetime_start]
