@@ -101,7 +101,7 @@ def study_part(config_path: Path, n: int) -> float:
     from evomerge.merge.materialize import Materializer
     from evomerge.search.genome import Genome
     from evomerge.search.samplers import make_sampler
-    from evomerge.search.study import open_storage, open_study, recover_dead_trials
+    from evomerge.search.study import count_trials, open_storage, open_study, recover_dead_trials
 
     config = load_config(config_path)
     genome = Genome(config.search_space, config.models, config.base_model,
@@ -109,8 +109,7 @@ def study_part(config_path: Path, n: int) -> float:
     start = time.perf_counter()
     study = open_study(config, open_storage(config.storage, config.heartbeat), create=False)
     recover_dead_trials(study)
-    trials = study.get_trials(deepcopy=False)
-    study.sampler = make_sampler(config, genome, sum(t.state == TrialState.COMPLETE for t in trials), 0)
+    study.sampler = make_sampler(config, genome, count_trials(study)[TrialState.COMPLETE], 0)
     trial = study.ask()
     for name, d in genome.distributions.items():
         trial.suggest_float(name, d.low, d.high)

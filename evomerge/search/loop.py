@@ -24,8 +24,8 @@ from evomerge.merge.materialize import Materializer
 from evomerge.search.cma_sampler import CANDIDATE_FAILURE, FAILURE_ATTR, GenerationBusy, PyCmaSampler
 from evomerge.search.genome import Genome
 from evomerge.search.samplers import make_sampler
-from evomerge.search.study import (Heartbeat, claim, open_storage, open_study, recover_dead_trials,
-                                   refuse_second_sqlite_worker, retry_dead_trial)
+from evomerge.search.study import (Heartbeat, claim, count_trials, open_storage, open_study, recover_dead_trials,
+                                   refuse_second_sqlite_worker, retry_dead_trial, trials_in_state)
 
 MAX_CONSECUTIVE_FAILURES = 20
 BUSY_WAIT_S = 2.0
@@ -53,11 +53,10 @@ class Search:
         refuse_second_sqlite_worker(self.study, config.storage)
 
     def counts(self) -> dict[TrialState, int]:
-        trials = self.study.get_trials(deepcopy=False)
-        return {state: sum(t.state == state for t in trials) for state in TrialState}
+        return count_trials(self.study)
 
     def _waiting(self) -> bool:
-        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        return bool(trials_in_state(self.study, TrialState.WAITING))
 
     def score(self, params: dict[str, float]) -> Scored:
         start = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -100,12 +101,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def trials_in_state(study: optuna.Study, *states: TrialState) -> list[optuna.trial.FrozenTrial]:
+    """Filtered in SQL: Optuna's cached storage would first read every trial of the study
+    (seconds for a 10,000-trial study) even to list the few RUNNING ones."""
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    return backend.get_all_trials(study._study_id, deepcopy=False, states=states)
+
+
+def count_trials(study: optuna.Study) -> dict[TrialState, int]:
+    """One COUNT query (Optuna's get_n_trials loads every trial to count them)."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    counts = dict.fromkeys(TrialState, 0)
+    if not isinstance(backend, RDBStorage):
+        for trial in study.get_trials(deepcopy=False):
+            counts[trial.state] += 1
+        return counts
+    query = sqlalchemy.text("SELECT state, COUNT(*) FROM trials WHERE study_id = :study GROUP BY state")
+    with backend.engine.connect() as connection:
+        for state, n in connection.execute(query, {"study": study._study_id}):
+            counts[TrialState[state]] = n
+    return counts
+
+
 def recover_dead_trials(study: optuna.Study) -> list[int]:
     """Fail (and retry once) RUNNING trials whose worker is gone; returns their numbers."""
     optuna.storages.fail_stale_trials(study)
     storage = study._storage
     recovered = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in trials_in_state(study, TrialState.RUNNING):
         worker = trial.system_attrs.get(WORKER) or {}
         if worker.get("host") == HOST and worker.get("pid") != os.getpid() and not _pid_alive(int(worker.get("pid", 0))):
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
@@ -120,7 +144,7 @@ def refuse_second_sqlite_worker(study: optuna.Study, url: str) -> None:
     if not url.startswith("sqlite"):
         return
     recover_dead_trials(study)
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    running = trials_in_state(study, TrialState.RUNNING)
     if running:
         worker = running[0].system_attrs.get(WORKER) or {}
         raise EvomergeError(f"another worker (pid {worker.get('pid', '?')} on {worker.get('host', '?')}) is running trial "
