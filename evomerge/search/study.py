@@ -11,6 +11,7 @@ fail it once its grace period passes, and the same retry applies.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 import socket
 import threading
 import warnings
@@ -124,16 +125,29 @@ def count_trials(study: optuna.Study) -> dict[TrialState, int]:
     return counts
 
 
+def _is_dead(trial: optuna.trial.FrozenTrial, single_worker: bool, grace_s: float) -> bool:
+    """Ours and gone: claimed on this host by a process that no longer exists. Unclaimed (killed
+    between Optuna's ask and our claim, so no heartbeat either): dead at once where only one
+    worker can exist (SQLite), else once its grace period has passed."""
+    worker = trial.system_attrs.get(WORKER)
+    if worker is None:
+        started = trial.datetime_start or datetime.now()
+        return single_worker or (datetime.now() - started).total_seconds() > grace_s
+    return worker.get("host") == HOST and worker.get("pid") != os.getpid() and not _pid_alive(int(worker.get("pid", 0)))
+
+
 def recover_dead_trials(study: optuna.Study) -> list[int]:
     """Fail (and retry once) RUNNING trials whose worker is gone; returns their numbers."""
     optuna.storages.fail_stale_trials(study)
     storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    single_worker = isinstance(backend, RDBStorage) and backend.engine.dialect.name == "sqlite"
+    grace = float(backend.get_heartbeat_interval() or 10) * 3 if isinstance(backend, RDBStorage) else 30.0
     recovered = []
     for trial in trials_in_state(study, TrialState.RUNNING):
-        worker = trial.system_attrs.get(WORKER) or {}
-        if worker.get("host") == HOST and worker.get("pid") != os.getpid() and not _pid_alive(int(worker.get("pid", 0))):
+        if _is_dead(trial, single_worker, grace):
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                storage.set_trial_user_attr(trial._trial_id, "error", f"worker process {worker.get('pid')} died")
+                storage.set_trial_user_attr(trial._trial_id, "error", "its worker process died")
                 retry_dead_trial(study, storage.get_trial(trial._trial_id))
                 recovered.append(trial.number)
     return recovered
