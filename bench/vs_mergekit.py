@@ -3,8 +3,8 @@ in-place candidate than a fresh merge?
 
 Run from the repo root:
 
-    python bench/vs_mergekit.py            # full run (~10 min on 2 CPU cores)
-    python bench/vs_mergekit.py --quick    # smoke run: zoo only, two methods (< 1 min)
+    python bench/vs_mergekit.py            # full run (~6.5 min on 2 idle CPU cores)
+    python bench/vs_mergekit.py --quick    # smoke run: zoo only, two methods (~30 s)
 
 mergekit is never imported: it runs as a subprocess (`mergekit-yaml`, from --mergekit-yaml,
 $MERGEKIT_YAML or PATH), on the mergekit YAML that evomerge itself writes for each recipe.
@@ -17,9 +17,10 @@ with layer_granularity 2 for task_arithmetic, ties and dare_ties, so the transla
 mergekit's per-layer `filter`s is exercised). Deterministic methods: max |ours - theirs| over
 all tensors, the fraction of elements that differ, the largest difference in units in the
 last place of the output dtype, and how many elements differ by more than 1 ulp (an entry
-near zero that comes out of a cancellation can be several ulps apart while |d| is tiny). Random methods (dare_*, della*): the masks come from
-different random streams, so they are compared by statistics, with float32 outputs (a bf16
-output would round many small deltas back onto the base and blur the statistics): the
+near zero that comes out of a cancellation can be several ulps apart while |d| is tiny).
+Random methods (dare_*, della*): the masks come from different random streams, so they are
+compared by statistics, with float32 outputs (a bf16 output would round many small deltas
+back onto the base and blur the statistics): the
 fraction of entries of (merged - base) that are exactly zero, per tool and as expected from
 the keep probabilities and the actual deltas, and the relative difference of the two tools'
 mean |merged - base| (whole model, and the worst tensor of >= 4096 entries).
@@ -261,7 +262,8 @@ def compare_random(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor
             "l1_rel_diff_worst_tensor": worst, "elements": total}
 
 
-def compare_l1_only(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, Any]:
+def compare_l1_only(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
+                    base: dict[str, torch.Tensor]) -> dict[str, Any]:
     """For random methods at bf16 output (large family): relative difference of mean |merged - base|."""
     l1_ours = l1_theirs = 0.0
     for name in sorted(set(ours) & set(theirs)):
@@ -471,7 +473,8 @@ def print_tables(label: str, n_params: int, results: dict[str, Any]) -> None:
     print(header)
     for method, r in results.items():
         print(f"{method:<17} {fmt_time(r['inplace_s']):>10} {runs_cell(r['inplace_runs']):>4} "
-              f"{fmt_time(r['inplace_first_s']):>10} {fmt_time(r['naive_s']):>10} {fmt_time(r['mergekit_s']):>10} {fmt_ratio(r['mergekit_over_inplace']):>7} "
+              f"{fmt_time(r['inplace_first_s']):>10} {fmt_time(r['naive_s']):>10} {fmt_time(r['mergekit_s']):>10} "
+              f"{fmt_ratio(r['mergekit_over_inplace']):>7} "
               f"{fmt_ratio(r['naive_over_inplace']):>8} {fmt_time(r['floor_s']):>9} {r['floor_fraction']:>10.3f}")
     print("(in-place: median of n runs after a warm-up (1st run), 1* = one run only; naive: same rule; "
           "mergekit: one run, start-up included; floor: bytes moved / copy bandwidth)")
@@ -540,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
         print("warning: the machine is busy; other processes slow every timing here, "
               "torch's worker threads most of all")
-    report: dict[str, Any] = {"device": info, "evomerge_sources_sha256": fingerprint, "load_average_start": load_average(), "mergekit_yaml": exe, "copy_bandwidth_Bps": bandwidth, "families": {}}
+    report: dict[str, Any] = {"device": info, "evomerge_sources_sha256": fingerprint, "mergekit_yaml": exe,
+                              "load_average_start": load_average(), "copy_bandwidth_Bps": bandwidth, "families": {}}
     if not args.quick:
         report["mergekit_startup_s"] = time_mergekit_startup(exe)
         print(f"mergekit-yaml start-up (--help): {report['mergekit_startup_s']:.2f} s")
