@@ -33,7 +33,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     materializer.apply(recipe)
     merged = time.perf_counter()
     out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code)
-    print(f"{recipe.method}: loaded {len(materializer.sources)} models on {materializer.device} in {loaded - start:.2f} s, "
+    print(f"{recipe.name}: loaded {len(materializer.sources)} models on {materializer.device} in {loaded - start:.2f} s, "
           f"merged in {merged - loaded:.2f} s, saved {out} in {time.perf_counter() - merged:.2f} s")
 
 

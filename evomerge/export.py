@@ -10,12 +10,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.materialize import Materializer
 from evomerge.mergekit_yaml import mergekit_yaml
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, layer_prefix
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
@@ -29,7 +30,7 @@ def prepare_out_dir(out: Path, force: bool) -> None:
 
 def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path, *, force: bool = False,
                     trust_remote_code: bool = False) -> Path:
-    """Save the candidate as it currently is (call `materializer.apply(recipe)` first)."""
+    """Save the model `materializer.apply(recipe)` last returned (call it first)."""
     out = Path(out)
     prepare_out_dir(out, force)
     try:
@@ -37,9 +38,9 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
     except OSError as exc:
         raise EvomergeError(f"cannot write in {out.parent}: {exc.strerror}") from None
     try:
-        materializer.candidate.save_pretrained(tmp, safe_serialization=True)
-        tokenizer_ref = recipe.base_model or recipe.models[0].model
-        tokenizer_path = materializer.sources[tokenizer_ref].path
+        model = materializer.model
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=unshared_state_dict(model))
+        tokenizer_path = materializer.sources[recipe.primary_model].path
         AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code).save_pretrained(tmp)
         recipe.save(tmp / "recipe.yaml")
         try:
@@ -52,3 +53,14 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def unshared_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """A route may use one layer twice, so two positions share storage; a plain checkpoint
+    stores every layer on its own (safetensors refuses shared tensors), so repeats are copied."""
+    state, seen = model.state_dict(), set()
+    for name, tensor in state.items():
+        if layer_prefix(name) is not None and tensor.data_ptr() in seen:
+            state[name] = tensor.clone()
+        seen.add(tensor.data_ptr())
+    return state

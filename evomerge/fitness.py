@@ -25,7 +25,7 @@ from evomerge.errors import EvomergeError
 from evomerge.yamlio import check_keys, load_yaml_mapping
 from evomerge.zoo import EVAL_SEED, SKILLS, exact_match, make_examples
 
-COST_METRICS = ("param_count",)
+COST_METRICS = ("param_count", "path_length")
 _KEYS = {"kind", "n_examples", "split", "objectives", "scalarization", "description"}
 
 
@@ -104,7 +104,10 @@ class FitnessSpec:
 
 
 def candidate_costs(model: PreTrainedModel) -> dict[str, float]:
-    return {"param_count": float(sum(p.numel() for p in model.parameters()))}
+    """Costs to minimize: stored parameters (a layer a route uses twice counts once) and path length
+    (decoder layers a token passes through, which inference time grows with)."""
+    return {"param_count": float(sum(p.numel() for p in model.parameters())),
+            "path_length": float(model.config.num_hidden_layers)}
 
 
 class ZooSkillsEvaluator:

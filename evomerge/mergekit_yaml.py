@@ -1,10 +1,15 @@
-"""The mergekit configuration equivalent to a parameter-space recipe, so a user can
-reproduce or continue a merge in mergekit.
+"""The mergekit configuration equivalent to a recipe, so a user can reproduce or continue a
+merge in mergekit.
 
 Per-group values become mergekit conditional parameters: one `{filter: "model.layers.N.",
 value: ...}` per decoder layer (mergekit matches filters as substrings of tensor names,
 first match wins) and a final unfiltered value for embeddings, final norm and head.
-Arithmetic is pinned to float32 (`dtype`), as evomerge computes it."""
+Arithmetic is pinned to float32 (`dtype`), as evomerge computes it.
+
+A route becomes mergekit's `passthrough` slices (runs of consecutive layers of one model),
+when it is expressible there: no scaling, no parameter-space merge among its sources, and
+embeddings/head from the model that starts and ends the path (passthrough takes them from
+the first and last slice)."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import yaml
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
-from evomerge.recipe import Recipe, n_groups
+from evomerge.recipe import Recipe, Route, n_groups
 
 
 def _setting(value: Any, layer_prefixes: list[str], granularity: int) -> Any:
@@ -49,7 +54,31 @@ def to_mergekit(recipe: Recipe, layer_prefixes: list[str]) -> dict[str, Any]:
     return config
 
 
+def passthrough(route: Route, dtype: str) -> dict[str, Any]:
+    """mergekit 0.1.x passthrough config walking the same path as an unscaled route over original models."""
+    if any(step.scale != 1.0 for step in route.layers):
+        raise EvomergeError("the route scales hidden states (scale != 1), which mergekit's passthrough slices do not "
+                            "express; evomerge's checkpoint has the scaling folded into o_proj/down_proj")
+    ends = {route.layers[0].model, route.layers[-1].model}
+    if ends != {route.embed_from}:
+        raise EvomergeError(f"mergekit's passthrough takes embeddings from the first slice's model and the head from the "
+                            f"last slice's ({sorted(ends)}); this route takes both from {route.embed_from!r}")
+    runs: list[list[Any]] = []
+    for step in route.layers:
+        if runs and runs[-1][0] == step.model and runs[-1][2] == step.layer:
+            runs[-1][2] += 1
+        else:
+            runs.append([step.model, step.layer, step.layer + 1])
+    slices = [{"sources": [{"model": model, "layer_range": [start, end]}]} for model, start, end in runs]
+    return {"slices": slices, "merge_method": "passthrough", "dtype": dtype}
+
+
 def mergekit_yaml(recipe: Recipe, layer_prefixes: list[str]) -> str:
+    if recipe.route is not None:
+        if recipe.method is not None:
+            raise EvomergeError("the route reads this recipe's parameter-space merge: mergekit would need two configs "
+                                "(the merge, then passthrough slices over the merged checkpoint)")
+        return yaml.safe_dump(passthrough(recipe.route, recipe.dtype), sort_keys=False)
     note = ""
     if get_method(recipe.method).random:
         note = ("# DARE/DELLA masks in mergekit come from its own random stream, not this recipe's seed:\n"

@@ -12,6 +12,18 @@
 
 Groups are the decoder-layer groups in order, then one group for every tensor outside the
 decoder layers (embeddings, final norm, lm_head). A per-group list has one value per group.
+
+A recipe may also (or only) route layers, the paper's data-flow-space merge:
+
+    route:
+      embed_from: evomerge/zoo_models/expert_rev     # embeddings, final norm and head
+      layers:                                        # the path, in order; a layer may repeat
+        - {model: evomerge/zoo_models/expert_rev, layer: 0}
+        - {model: evomerge/zoo_models/expert_srt, layer: 2, scale: 0.8}
+        - {model: merged, layer: 3}                  # `merged`: this recipe's parameter-space merge
+
+`scale` (default 1, > 0) multiplies the hidden state entering that step, as the paper's
+matrix W does at each transition. Without `method`, the recipe is a pure route (no `models`).
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ from evomerge.merge import get_method
 from evomerge.yamlio import check_keys, load_yaml_mapping
 
 DTYPES = ("bfloat16", "float16", "float32")
+MERGED = "merged"  # route source name for the recipe's own parameter-space merge
+_PS_KEYS = {"models", "base_model", "parameters", "layer_granularity", "seed"}
 _LAYER = re.compile(r"^(.*?\blayers\.(\d+)\.)")
 
 Value = float | bool | list[float]
@@ -60,22 +74,70 @@ class Source:
 
 
 @dataclass
+class Step:
+    """One position of a route: a source's decoder layer, and the factor on the hidden state entering it."""
+
+    model: str
+    layer: int
+    scale: float = 1.0
+
+
+@dataclass
+class Route:
+    layers: list[Step]
+    embed_from: str
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "Route":
+        if not isinstance(data, dict) or set(data) != {"layers", "embed_from"} or not isinstance(data["layers"], list):
+            raise EvomergeError(f"{where}: expected {{embed_from: MODEL, layers: [{{model: MODEL, layer: N, scale: S}}, ...]}}")
+        steps = []
+        for i, step in enumerate(data["layers"]):
+            if not isinstance(step, dict) or not {"model", "layer"} <= set(step) or set(step) - {"model", "layer", "scale"}:
+                raise EvomergeError(f"{where}.layers[{i}]: expected {{model: MODEL, layer: N, scale: S (optional)}}, got {step!r}")
+            steps.append(Step(step["model"], step["layer"], step.get("scale", 1.0)))
+        return cls(steps, data["embed_from"])
+
+    def validate(self, where: str, has_merge: bool) -> None:
+        if not self.layers:
+            raise EvomergeError(f"{where}.layers is empty; a route needs at least one decoder layer")
+        for ref in [self.embed_from, *(s.model for s in self.layers)]:
+            if not isinstance(ref, str) or not ref:
+                raise EvomergeError(f"{where}: model names must be non-empty strings, got {ref!r}")
+            if ref == MERGED and not has_merge:
+                raise EvomergeError(f"{where}: '{MERGED}' names this recipe's parameter-space merge, but it has no method")
+        for i, step in enumerate(self.layers):
+            if not isinstance(step.layer, int) or isinstance(step.layer, bool) or step.layer < 0:
+                raise EvomergeError(f"{where}.layers[{i}].layer must be an integer >= 0, got {step.layer!r}")
+            if not _is_number(step.scale) or step.scale <= 0:
+                raise EvomergeError(f"{where}.layers[{i}].scale must be a finite number > 0 (RMSNorm makes only "
+                                    f"positive factors foldable into weights), got {step.scale!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        steps = [{"model": s.model, "layer": s.layer, **({"scale": s.scale} if s.scale != 1.0 else {})} for s in self.layers]
+        return {"embed_from": self.embed_from, "layers": steps}
+
+
+@dataclass
 class Recipe:
-    method: str
+    method: str | None
     models: list[Source]
     base_model: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     layer_granularity: int = 0
     seed: int = 0
     dtype: str = "bfloat16"
+    route: Route | None = None
 
     # ---- construction and validation -------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
         if not isinstance(data, dict):
             raise EvomergeError(f"{where}: expected a mapping with keys method, models, ...; got {type(data).__name__}")
-        known = {"method", "models", "base_model", "parameters", "layer_granularity", "seed", "dtype"}
-        check_keys(data, known, where)
+        check_keys(data, {"method", "dtype", "route", *_PS_KEYS}, where)
+        route = Route.from_dict(data["route"], f"{where}: route") if "route" in data else None
+        if route is not None and "method" not in data:
+            return cls._pure_route(data, route, where)
         for key in ("method", "models"):
             if key not in data:
                 raise EvomergeError(f"{where}: missing key {key!r}")
@@ -93,20 +155,54 @@ class Recipe:
             method=data["method"], models=sources, base_model=data.get("base_model"),
             parameters=dict(data.get("parameters") or {}),
             layer_granularity=data.get("layer_granularity", 0), seed=data.get("seed", 0),
-            dtype=data.get("dtype", "bfloat16"),
+            dtype=data.get("dtype", "bfloat16"), route=route,
         )
         recipe.validate(where)
         return recipe
 
+    @classmethod
+    def _pure_route(cls, data: dict[str, Any], route: Route, where: str) -> "Recipe":
+        stray = sorted(_PS_KEYS & set(data))
+        if stray:
+            raise EvomergeError(f"{where}: {stray} describe a parameter-space merge; add its `method` or remove them")
+        recipe = cls(method=None, models=[], dtype=data.get("dtype", "bfloat16"), route=route)
+        recipe.validate(where)
+        return recipe
+
+    @property
+    def name(self) -> str:
+        """'ties', 'route' or 'ties+route': what kind of merge this is, for messages."""
+        return "+".join(filter(None, [self.method, self.route and "route"]))
+
+    @property
+    def refs(self) -> list[str]:
+        """Every model this recipe reads, each once, in order of first mention."""
+        route = [self.route.embed_from, *(s.model for s in self.route.layers)] if self.route else []
+        refs = [self.base_model, *(s.model for s in self.models), *route]
+        return list(dict.fromkeys(r for r in refs if r and r != MERGED))
+
+    @property
+    def primary_model(self) -> str:
+        """The model whose tokenizer the merged candidate uses."""
+        if self.route and self.route.embed_from != MERGED:
+            return self.route.embed_from
+        return self.base_model or self.models[0].model
+
     def validate(self, where: str = "recipe") -> None:
         """Everything that can be checked without the models: names, types, counts, finiteness."""
+        if self.dtype not in DTYPES:
+            raise EvomergeError(f"{where}: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.route is not None:
+            self.route.validate(f"{where}: route", has_merge=self.method is not None)
+        if self.method is not None:
+            self._validate_merge(where)
+
+    def _validate_merge(self, where: str) -> None:
         method = get_method(self.method)
         if not isinstance(self.layer_granularity, int) or isinstance(self.layer_granularity, bool) or self.layer_granularity < 0:
             raise EvomergeError(f"{where}: layer_granularity must be an integer >= 0, got {self.layer_granularity!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise EvomergeError(f"{where}: seed must be an integer, got {self.seed!r}")
-        if self.dtype not in DTYPES:
-            raise EvomergeError(f"{where}: dtype must be one of {DTYPES}, got {self.dtype!r}")
         if method.needs_base and not self.base_model:
             raise EvomergeError(f"{where}: method {self.method} needs base_model")
         n = len(self.models)
@@ -141,6 +237,12 @@ class Recipe:
         data["models"] = [{"model": s.model, **({"parameters": s.parameters} if s.parameters else {})} for s in self.models]
         if self.base_model is None:
             del data["base_model"]
+        if self.route is None:
+            del data["route"]
+        else:
+            data["route"] = self.route.to_dict()
+        if self.method is None:
+            data = {"route": data["route"], "dtype": self.dtype}
         return data
 
     def to_yaml(self) -> str:
@@ -169,5 +271,9 @@ def _check_values(values: dict[str, Any], allowed: Any, where: str, numbers_only
         for v in value if isinstance(value, list) else [value]:
             if not numbers_only and isinstance(v, (bool, str)):
                 continue
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            if not _is_number(v):
                 raise EvomergeError(f"{where}.{key}: expected a finite number or a list of them, got {v!r}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
