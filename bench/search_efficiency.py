@@ -24,7 +24,8 @@ from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
 from evomerge.config import load_config
-from evomerge.fitness import FitnessSpec, build_evaluator
+from evomerge.evaluate import build_evaluator
+from evomerge.fitness import FitnessSpec
 from evomerge.search.loop import Search
 from transformers.utils import logging as hf_logging
 

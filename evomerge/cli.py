@@ -51,30 +51,12 @@ def _existing_study(config):
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from optuna.trial import TrialState
-    from tqdm import tqdm
-
     from evomerge.search.loop import Search
-    from evomerge.search.report import status_text, trial_line
-    from evomerge.search.study import redact
+    from evomerge.search.report import run_with_progress, status_text
 
     config = _config(args)
     search = Search(config)
-    done = search.counts()[TrialState.COMPLETE]
-    print(f"study {config.study_name!r} in {redact(config.storage)}: {done}/{config.n_trials} trials done, "
-          f"sampler {config.sampler}, device {search.materializer.device}")
-    with tqdm(total=config.n_trials, initial=min(done, config.n_trials), unit="trial", dynamic_ncols=True,
-              disable=args.quiet) as bar:
-        best = [None]
-
-        def on_trial(n_done: int, record: dict) -> None:
-            bar.n = min(n_done, config.n_trials)
-            if record.get("value") is not None and (best[0] is None or record["value"] > best[0]):
-                best[0] = record["value"]
-            bar.set_postfix_str(f"best {best[0]:.4g}" if best[0] is not None else "")
-            bar.write(trial_line(n_done, config.n_trials, record))
-
-        search.run(on_trial)
+    run_with_progress(search, quiet=args.quiet)
     print(status_text(config, search.study))
 
 
@@ -123,6 +105,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"trial {args.trial} ({trial.user_attrs.get('objectives', {})}) saved to {out}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from evomerge.demo import main as demo
+
+    demo(n_trials=args.n_trials, out=args.out, quiet=args.quiet)
+
+
 def cmd_zoo_build(args: argparse.Namespace) -> None:
     from evomerge.zoo import main_build
 
@@ -163,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_loading_flags(export)
     export.set_defaults(func=cmd_export)
+
+    demo = sub.add_parser("demo", help="search merges of the shipped zoo and show the best one beat every source "
+                                       "(offline, a few minutes; resumes if run again)")
+    demo.add_argument("--n-trials", type=int, help="total trials of the demo study (default: runs/demo.yaml's)")
+    demo.add_argument("--out", help="folder for the demo's study, plot and best model (default: runs/demo)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
 
     zoo = sub.add_parser("zoo", help="the tiny built-in model family used by the demo and tests")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)

@@ -63,7 +63,7 @@ class RunConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What makes two commands the same study: resuming with a different one is refused."""
         fingerprint = {"models": self.models, "base_model": self.base_model, "search_space": asdict(self.search_space),
-                       "fitness": asdict(self.fitness), "sampler": self.sampler, "seed": self.seed}
+                       "fitness": self.fitness.fingerprint(), "sampler": self.sampler, "seed": self.seed}
         return json.loads(json.dumps(fingerprint))  # the JSON form, as the study stores it
 
 

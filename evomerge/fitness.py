@@ -1,32 +1,64 @@
 """Fitness specs: what each candidate is scored on, which objectives the search sees, and
 the scalarization that single-objective samplers optimize.
 
-    kind: zoo_skills                 # the evaluator; lm-eval tasks arrive as kind: lm_eval
-    n_examples: 200                  # per task, on the search split
+    kind: lm_eval                    # lm-eval tasks (or zoo_skills: the zoo's built-in scorer)
+    tasks: [zoo_target]              # task or group names; local ones live under tasks/ beside this file
+    limit: 200                       # examples per task during search (default: all)
+    split: search                    # optional: evaluate this split instead of the task's test_split
     objectives:                      # every objective is recorded on every trial
-      - {name: rev, metric: rev}     # direction: maximize (default) or minimize
+      - {name: target, metric: zoo_target/acc}   # TASK/METRIC[,FILTER]; direction: maximize (default)
       - {name: params, metric: param_count, direction: minimize}
-    scalarization: {rev: 1.0}        # weighted sum (minimized objectives enter negated)
+    scalarization: {target: 1.0}     # weighted sum (minimized objectives enter negated)
 
 Metrics are the evaluator's scores, plus costs measured on the candidate itself
-(`param_count`; `path_length` comes with layer routing).
+(`param_count`, and `path_length` for routed candidates). Each kind declares its own
+options; lm-eval metric names are checked against the loaded tasks before any candidate is
+built (see evomerge/evaluate.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from evomerge.errors import EvomergeError
 from evomerge.yamlio import check_keys, load_yaml_mapping
-from evomerge.zoo import EVAL_SEED, SKILLS, exact_match, make_examples
+from evomerge.zoo import SKILLS
 
 COST_METRICS = ("param_count", "path_length")
-_KEYS = {"kind", "n_examples", "split", "objectives", "scalarization", "description"}
+_COMMON = {"kind", "objectives", "scalarization", "description"}
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# Per kind: option -> (default, check, what is expected); `required` options have no default.
+REQUIRED = object()
+KINDS: dict[str, dict[str, tuple[Any, Any, str]]] = {
+    "zoo_skills": {
+        "n_examples": (200, _positive, "a positive integer"),
+        "split": ("search", lambda v: v in ("search", "test"), "search or test"),
+    },
+    "lm_eval": {
+        "tasks": (REQUIRED, lambda v: isinstance(v, list) and v and all(isinstance(t, str) and t for t in v),
+                  "a non-empty list of lm-eval task or group names"),
+        "limit": (None, lambda v: v is None or _positive(v), "a positive integer (examples per task) or null"),
+        "num_fewshot": (None, lambda v: v is None or _non_negative(v), "a non-negative integer or null"),
+        "batch_size": (32, _positive, "a positive integer"),
+        "split": (None, lambda v: v is None or (isinstance(v, str) and v), "a split name or null"),
+        "seed": (1234, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        "include_path": ("tasks", lambda v: isinstance(v, str) and v, "a folder of task YAMLs"),
+    },
+}
+ZOO_METRICS = (*SKILLS, "mean")
 
 
 @dataclass(frozen=True)
@@ -37,8 +69,6 @@ class Objective:
 
 
 class Evaluator(Protocol):
-    metrics: tuple[str, ...]
-
     def evaluate(self, model: PreTrainedModel) -> dict[str, float]: ...
 
 
@@ -47,19 +77,25 @@ class FitnessSpec:
     kind: str
     objectives: tuple[Objective, ...]
     scalarization: dict[str, float]
-    n_examples: int = 200
-    split: str = "search"
+    options: dict[str, Any]
+    source: str = "fitness spec"  # the spec file: named in errors; relative task folders are found beside it
 
     @classmethod
     def load(cls, path: str | Path) -> "FitnessSpec":
         return cls.from_dict(load_yaml_mapping(path, "fitness spec"), str(path))
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change under a running study (not where the checkout lives)."""
+        return {"kind": self.kind, "objectives": [asdict(o) for o in self.objectives],
+                "scalarization": self.scalarization, "options": self.options}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "fitness spec") -> "FitnessSpec":
-        check_keys(data, _KEYS, where)
         kind = data.get("kind")
-        if kind not in EVALUATORS:
-            raise EvomergeError(f"{where}: kind must be one of {sorted(EVALUATORS)}, got {kind!r}")
+        if kind not in KINDS:
+            raise EvomergeError(f"{where}: kind must be one of {sorted(KINDS)}, got {kind!r}")
+        check_keys(data, _COMMON | set(KINDS[kind]), where)
+        options = _options(data, kind, where)
         entries = data.get("objectives")
         if not isinstance(entries, list) or not entries:
             raise EvomergeError(f"{where}: objectives must be a non-empty list of {{name, metric, direction}}")
@@ -78,17 +114,16 @@ class FitnessSpec:
         if not isinstance(scalarization, dict) or set(scalarization) - set(names) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in scalarization.values()):
             raise EvomergeError(f"{where}: scalarization must map objective names {names} to numbers, got {scalarization!r}")
-        n_examples = data.get("n_examples", 200)
-        if not isinstance(n_examples, int) or isinstance(n_examples, bool) or n_examples < 1:
-            raise EvomergeError(f"{where}: n_examples must be a positive integer, got {n_examples!r}")
-        spec = cls(kind, tuple(objectives), {k: float(v) for k, v in scalarization.items()}, n_examples,
-                   str(data.get("split", "search")))
-        known = set(EVALUATORS[kind].metrics) | set(COST_METRICS)
         for o in objectives:
-            if o.metric not in known:
-                raise EvomergeError(f"{where}: objective {o.name!r} uses metric {o.metric!r}, which {kind} does not "
-                                    f"produce; available: {sorted(known)}")
-        return spec
+            if o.metric in COST_METRICS:
+                continue
+            if kind == "zoo_skills" and o.metric not in ZOO_METRICS:
+                raise EvomergeError(f"{where}: objective {o.name!r} uses metric {o.metric!r}, which zoo_skills does not "
+                                    f"produce; available: {sorted((*ZOO_METRICS, *COST_METRICS))}")
+            if kind == "lm_eval" and "/" not in o.metric:
+                raise EvomergeError(f"{where}: objective {o.name!r}: metric must be TASK/METRIC (e.g. zoo_target/acc) "
+                                    f"or one of {list(COST_METRICS)}, got {o.metric!r}")
+        return cls(kind, tuple(objectives), {k: float(v) for k, v in scalarization.items()}, options, where)
 
     @property
     def directions(self) -> list[str]:
@@ -110,29 +145,13 @@ def candidate_costs(model: PreTrainedModel) -> dict[str, float]:
             "path_length": float(model.config.num_hidden_layers)}
 
 
-class ZooSkillsEvaluator:
-    """Exact match on the zoo's synthetic skills by one teacher-forced pass per batch: a cheap,
-    real fitness for the shipped models while lm-eval tasks are wired in."""
-
-    metrics = (*SKILLS, "mean")
-
-    def __init__(self, spec: FitnessSpec, tokenizer_path: str | Path):
-        splits = {"search": EVAL_SEED, "test": EVAL_SEED + 1}
-        if spec.split not in splits:
-            raise EvomergeError(f"fitness spec: split must be one of {sorted(splits)}, got {spec.split!r}")
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.examples = {s: make_examples(s, spec.n_examples, splits[spec.split] + 17 * i)
-                         for i, s in enumerate(SKILLS)}
-
-    @torch.inference_mode()
-    def evaluate(self, model: PreTrainedModel) -> dict[str, float]:
-        scores = {s: exact_match(model, self.tokenizer, ex) for s, ex in self.examples.items()}
-        scores["mean"] = sum(scores.values()) / len(scores)
-        return scores
-
-
-EVALUATORS: dict[str, Any] = {"zoo_skills": ZooSkillsEvaluator}
-
-
-def build_evaluator(spec: FitnessSpec, tokenizer_path: str | Path) -> Evaluator:
-    return EVALUATORS[spec.kind](spec, tokenizer_path)
+def _options(data: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
+    options = {}
+    for key, (default, check, expected) in KINDS[kind].items():
+        if key not in data and default is REQUIRED:
+            raise EvomergeError(f"{where}: {kind} needs {key!r}: {expected}")
+        value = data.get(key, default)
+        if not check(value):
+            raise EvomergeError(f"{where}: {key} must be {expected}, got {value!r}")
+        options[key] = value
+    return options

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import random
 import shutil
@@ -118,6 +119,42 @@ def make_examples(
         raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
     rng = random.Random(seed)
     return [_example(skill, _word(rng, min_len, max_len, held_out=True)) for _ in range(n)]
+
+
+SPLIT_SEEDS = {"search": EVAL_SEED, "test": EVAL_SEED + 1}
+SPLIT_SIZE = 200  # prompts per skill and split: one standard error on a 600-prompt mean is ~1.8 points
+
+
+def split_examples(skill: str, split: str, n: int = SPLIT_SIZE) -> list[tuple[str, str]]:
+    """The first ``n`` examples of a skill's ``search`` or ``test`` split.
+
+    The test split never repeats a prompt of the (full-size) search split, so scores on it
+    measure generalisation, not recall of what the search optimised for.
+    """
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_SEEDS)}")
+    seed = SPLIT_SEEDS[split] + 17 * TASKS.index(skill)
+    if split == "search":
+        return make_examples(skill, n, seed, *EVAL_LENGTHS)
+    taken = {p for p, _ in split_examples(skill, "search", max(n, SPLIT_SIZE))}
+    fresh = (ex for ex in make_examples(skill, 4 * n, seed, *EVAL_LENGTHS) if ex[0] not in taken)
+    return [next(fresh) for _ in range(n)]
+
+
+def write_task_data(out_dir: Path) -> list[Path]:
+    """Write each skill's splits as JSONL for the lm-eval tasks under ``evaluators/tasks/zoo``
+    (``target`` is the answer plus end-of-sequence: exact match means the model stops there
+    too); the shipped files must equal what this writes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for skill in SKILLS:
+        for split in SPLIT_SEEDS:
+            path = out_dir / f"{skill}_{split}.jsonl"
+            rows = (json.dumps({"prompt": p, "answer": a, "target": a + SPECIAL_TOKENS["eos"]})
+                    for p, a in split_examples(skill, split))
+            path.write_text("".join(row + "\n" for row in rows))
+            written.append(path)
+    return written
 
 
 def _sample_batch(mixture: Mixture, rng: random.Random, size: int) -> list[tuple[str, str]]:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from evomerge.config import RunConfig
 from evomerge.search.archive import ArchiveEntry, completed, hypervolume, hypervolume_history, pareto_archive
+
+if TYPE_CHECKING:
+    from evomerge.search.loop import Search
 
 
 def _objectives(config: RunConfig) -> tuple[list[str], list[str]]:
@@ -95,6 +98,29 @@ def plot_archive(config: RunConfig, study: optuna.Study, entries: list[ArchiveEn
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_with_progress(search: "Search", quiet: bool = False) -> None:
+    """`search.run()` with a progress bar (trials done, best scalarized value, ETA) and one line per trial."""
+    from tqdm import tqdm
+
+    from evomerge.search.study import redact
+
+    config = search.config
+    done = search.counts()[TrialState.COMPLETE]
+    print(f"study {config.study_name!r} in {redact(config.storage)}: {done}/{config.n_trials} trials done, "
+          f"sampler {config.sampler}, device {search.materializer.device}")
+    best: list[float | None] = [None]
+    with tqdm(total=config.n_trials, initial=min(done, config.n_trials), unit="trial", dynamic_ncols=True,
+              disable=quiet) as bar:
+        def on_trial(n_done: int, record: dict[str, Any]) -> None:
+            bar.n = min(n_done, config.n_trials)
+            if record.get("value") is not None and (best[0] is None or record["value"] > best[0]):
+                best[0] = record["value"]
+            bar.set_postfix_str(f"best {best[0]:.4g}" if best[0] is not None else "")
+            bar.write(trial_line(n_done, config.n_trials, record))
+
+        search.run(on_trial)
 
 
 def trial_line(n_done: int, total: int, record: dict[str, Any]) -> str:

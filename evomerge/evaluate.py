@@ -1,0 +1,201 @@
+"""Scoring candidates: lm-eval tasks (the harness this field trusts) and the zoo's scorer.
+
+`LmEvalEvaluator` pays lm-eval's set-up costs once per run: the task index is built from
+the local task folder alone when it holds every requested task (indexing lm-eval's ~15k
+built-in names takes seconds), datasets load once, and the live candidate is wrapped once
+in lm-eval's HF model class. Each trial then calls the lower-level `evaluate` on the same
+objects, so the weights written in place are what gets scored, with lm-eval's progress
+bars and logs kept out of the user's terminal.
+
+Every problem with the spec (a task that does not exist, data missing offline, a metric
+the tasks do not produce) raises `EvomergeError` here, before any candidate is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from evomerge.errors import EvomergeError
+from evomerge.fitness import COST_METRICS, Evaluator, FitnessSpec
+from evomerge.zoo import SKILLS, exact_match, split_examples
+
+_NOISY_LOGGERS = ("lm-eval", "lm_eval", "datasets", "evaluate", "absl")
+
+
+class ZooSkillsEvaluator:
+    """Exact match on the zoo's skills by one teacher-forced pass per batch, without lm-eval:
+    the cheapest real fitness for the shipped models (tests and benches use it)."""
+
+    def __init__(self, spec: FitnessSpec, tokenizer_path: str | Path):
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.examples = {s: split_examples(s, spec.options["split"], spec.options["n_examples"]) for s in SKILLS}
+
+    @torch.inference_mode()
+    def evaluate(self, model: PreTrainedModel) -> dict[str, float]:
+        scores = {s: exact_match(model, self.tokenizer, ex) for s, ex in self.examples.items()}
+        scores["mean"] = sum(scores.values()) / len(scores)
+        return scores
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence lm-eval and datasets while they work: their progress bars and INFO logs would
+    flood the terminal once per trial. Errors still surface as exceptions."""
+    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def load_tasks(names: list[str], include_path: Path) -> tuple[Any, dict[str, Any]]:
+    """Build lm-eval's task objects once; returns (task manager, task dict).
+
+    Local task folders are indexed alone when they hold every name, else lm-eval's built-in
+    tasks are indexed too (gsm8k, mgsm, arc, ... for users with hub access)."""
+    from lm_eval.tasks import TaskManager
+
+    include = str(include_path) if include_path.is_dir() else None
+    with quiet():
+        manager = TaskManager(include_path=include, include_defaults=False) if include else None
+        if manager is None or set(names) - set(manager.all_tasks):
+            manager = TaskManager(include_path=include, include_defaults=True)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        local = sorted(TaskManager(include_path=include, include_defaults=False).all_tasks) if include else []
+        raise EvomergeError(f"lm-eval task {unknown[0]!r} does not exist (not built in, not under {include_path}); "
+                            f"local tasks: {local}")
+    try:
+        with quiet():
+            return manager, manager.load(list(names))
+    except Exception as exc:  # noqa: BLE001 - lm-eval and datasets raise many types here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise EvomergeError(f"lm-eval tasks {names} could not be loaded{offline}: {first}; "
+                            "check the task's dataset is downloaded or its local data files exist") from None
+
+
+def metric_keys(task_dict: dict[str, Any]) -> list[str]:
+    """Every `TASK/METRIC[,FILTER]` the tasks and groups will report (the filter is omitted
+    when it is lm-eval's default `none`)."""
+    keys = []
+    for name, task in task_dict["tasks"].items():
+        filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+        keys += [_key(name, m, f) for m in task._metric_fn_list for f in filters]
+    for name, group in task_dict["groups"].items():
+        for agg in group.aggregate_metric_list or []:
+            keys += [_key(name, agg.metric, f) for f in (agg.filter_list or ["none"])]
+    return keys
+
+
+def _key(task: str, metric: str, filter_name: str) -> str:
+    return f"{task}/{metric}" if filter_name == "none" else f"{task}/{metric},{filter_name}"
+
+
+def resolve_metric(metric: str, available: list[str], where: str) -> str:
+    """`zoo_gen/exact_match` names `zoo_gen/exact_match,first-word` when that is its only filter."""
+    if metric in available:
+        return metric
+    matches = [k for k in available if k.startswith(metric + ",")]
+    if len(matches) == 1:
+        return matches[0]
+    hint = f"it has filters {matches}: add one" if matches else f"available: {available}"
+    raise EvomergeError(f"{where}: metric {metric!r} is not produced by the tasks; {hint}")
+
+
+class LmEvalEvaluator:
+    """lm-eval tasks built once, the candidate wrapped once, one `evaluate` call per trial."""
+
+    def __init__(self, spec: FitnessSpec, tokenizer_path: str | Path):
+        options = spec.options
+        self.options = options
+        include = Path(spec.source).parent / options["include_path"]
+        self.manager, self.task_dict = load_tasks(options["tasks"], include)
+        self._select_split(options["split"])
+        for task in self.task_dict["tasks"].values():
+            if options["num_fewshot"] is not None:
+                task.set_config(key="num_fewshot", value=options["num_fewshot"])
+            task.set_fewshot_seed(seed=options["seed"])
+        available = metric_keys(self.task_dict)
+        self.metrics = {o.metric: resolve_metric(o.metric, available, spec.source)
+                        for o in spec.objectives if o.metric not in COST_METRICS}
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.lm = None
+
+    def _select_split(self, split: str | None) -> None:
+        if split is None:
+            return
+        for name, task in self.task_dict["tasks"].items():
+            if split not in (task.dataset or {}):
+                raise EvomergeError(f"lm-eval task {name!r} has no split {split!r}; it has {sorted(task.dataset or {})}")
+            task.config.test_split = split
+
+    def _wrap(self, model: PreTrainedModel) -> Any:
+        if self.lm is None:
+            with quiet():  # it warns that a live model object skips its loading options: intended
+                self.lm = _quiet_hflm()(pretrained=model, tokenizer=self.tokenizer,
+                                        batch_size=self.options["batch_size"], device=str(model.device))
+        self.lm._model = model  # a routed candidate is a new module object; a PS candidate is the same one
+        return self.lm
+
+    @torch.inference_mode()
+    def evaluate(self, model: PreTrainedModel) -> dict[str, float]:
+        from lm_eval.evaluator import evaluate
+
+        lm = self._wrap(model)
+        with quiet():
+            results = evaluate(lm=lm, task_dict=self.task_dict, limit=self.options["limit"], bootstrap_iters=0,
+                               log_samples=False, verbosity="ERROR")
+        scores = flatten_results(results["results"])
+        for wanted, key in self.metrics.items():
+            scores.setdefault(wanted, scores[key])
+        return scores
+
+
+def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """lm-eval's {task: {"acc,none": 0.5, "acc_stderr,none": "N/A", ...}} -> {"task/acc": 0.5}."""
+    flat = {}
+    for task, entry in results.items():
+        for name, value in entry.items():
+            metric, sep, filter_name = name.partition(",")
+            if sep and not metric.endswith("_stderr") and isinstance(value, (int, float)):
+                flat[_key(task, metric, filter_name)] = float(value)
+    return flat
+
+
+def _quiet_hflm() -> type:
+    """lm-eval's HF model class with its per-call progress bars off (it passes `disable=`
+    explicitly, so they cannot be silenced from outside)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+EVALUATORS: dict[str, type] = {"zoo_skills": ZooSkillsEvaluator, "lm_eval": LmEvalEvaluator}
+
+
+def build_evaluator(spec: FitnessSpec, tokenizer_path: str | Path) -> Evaluator:
+    return EVALUATORS[spec.kind](spec, tokenizer_path)

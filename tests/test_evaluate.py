@@ -1,0 +1,176 @@
+"""The lm-eval fitness: zoo tasks, in-place scoring == the `lm_eval` command line on the
+exported checkpoint, generation == one-pass scoring, determinism, and spec errors raised
+before any candidate is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluate import LmEvalEvaluator, build_evaluator, flatten_results
+from evomerge.export import save_checkpoint
+from evomerge.fitness import FitnessSpec
+from evomerge.merge.materialize import Materializer
+from evomerge.recipe import Recipe
+from evomerge.zoo import SKILLS, exact_match, split_examples, write_task_data
+
+ZOO = Path("evomerge/zoo_models")
+TASKS = Path("evaluators/tasks")
+LIMIT = 24
+
+
+def spec(**options) -> FitnessSpec:
+    data = {"kind": "lm_eval", "tasks": ["zoo_target"], "limit": LIMIT, "include_path": str(TASKS.resolve()),
+            "objectives": [{"name": s, "metric": f"zoo_{s}/acc"} for s in SKILLS], **options}
+    return FitnessSpec.from_dict(data, "test spec")
+
+
+@pytest.fixture(scope="module")
+def evaluator() -> LmEvalEvaluator:
+    return build_evaluator(spec(), ZOO / "base")
+
+
+@pytest.fixture(scope="module")
+def candidate(tmp_path_factory):
+    """A TIES merge of the three experts, float32, in place; plus its exported checkpoint."""
+    recipe = Recipe.from_dict({
+        "method": "ties", "base_model": str(ZOO / "base"), "dtype": "float32",
+        "models": [{"model": str(ZOO / f"expert_{s}"), "parameters": {"weight": 0.6, "density": 0.7}} for s in SKILLS]})
+    materializer = Materializer.for_recipe(recipe, device="cpu")
+    model = materializer.apply(recipe)
+    out = save_checkpoint(materializer, recipe, tmp_path_factory.mktemp("export") / "ties")
+    return model, out
+
+
+def test_shipped_task_data_is_what_the_zoo_writes(tmp_path):
+    for path in write_task_data(tmp_path):
+        assert path.read_text() == (TASKS / "zoo" / "data" / path.name).read_text(), path.name
+
+
+def test_search_and_test_splits_share_no_prompt():
+    for skill in SKILLS:
+        search = {p for p, _ in split_examples(skill, "search")}
+        assert not search & {p for p, _ in split_examples(skill, "test")}
+
+
+def test_lm_eval_acc_is_exact_match_of_the_greedy_answer(evaluator):
+    """The loglikelihood task's acc (is_greedy) equals evomerge's own teacher-forced exact match."""
+    model = AutoModelForCausalLM.from_pretrained(ZOO / "expert_srt", dtype=torch.float32).eval()
+    scores = evaluator.evaluate(model)
+    for skill in SKILLS:
+        assert scores[f"zoo_{skill}/acc"] == exact_match(model, evaluator.tokenizer, split_examples(skill, "search", LIMIT))
+    assert scores["zoo_target/acc"] == pytest.approx(sum(scores[f"zoo_{s}/acc"] for s in SKILLS) / 3)
+
+
+def test_generation_task_agrees_with_one_pass_scoring(candidate):
+    """generate_until with an extraction filter gives the same exact match as the loglikelihood task."""
+    model, _ = candidate
+    both = build_evaluator(spec(tasks=["zoo_target", "zoo_gen"], limit=10,
+                                objectives=[{"name": "gen", "metric": "zoo_gen/exact_match"}]), ZOO / "base")
+    scores = both.evaluate(model)
+    assert both.metrics == {"zoo_gen/exact_match": "zoo_gen/exact_match,first-word"}
+    gen_docs = both.task_dict["tasks"]["zoo_gen"].test_docs()  # the first 10 are rev prompts
+    assert [d["prompt"][:3] for d in list(gen_docs)[:10]] == ["rev"] * 10
+    assert scores["zoo_gen/exact_match"] == pytest.approx(scores["zoo_rev/acc"])
+
+
+def test_same_candidate_same_scores_and_weights_are_read_live(evaluator, candidate):
+    model, _ = candidate
+    first = evaluator.evaluate(model)
+    assert evaluator.evaluate(model) == first
+    expert = AutoModelForCausalLM.from_pretrained(ZOO / "expert_rev", dtype=torch.float32).eval()
+    with torch.no_grad():
+        saved = {n: p.clone() for n, p in model.named_parameters()}
+        for name, param in model.named_parameters():
+            param.copy_(dict(expert.named_parameters())[name])
+        assert evaluator.evaluate(model) == evaluator.evaluate(expert)
+        for name, param in model.named_parameters():
+            param.copy_(saved[name])
+    assert evaluator.evaluate(model) == first
+
+
+def test_in_place_scores_equal_the_lm_eval_command_line_on_the_export(evaluator, candidate, tmp_path):
+    model, exported = candidate
+    ours = evaluator.evaluate(model)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
+           "--model_args", f"pretrained={exported.resolve()},dtype=float32", "--tasks", "zoo_target",
+           "--include_path", str(TASKS.resolve()), "--limit", str(LIMIT), "--batch_size", "16",
+           "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    theirs = flatten_results(results)
+    for key in ("zoo_rev/acc", "zoo_srt/acc", "zoo_cae/acc", "zoo_target/acc"):
+        assert theirs[key] == pytest.approx(ours[key], abs=1e-12), key
+
+
+def test_split_selects_the_held_out_prompts(candidate):
+    model, _ = candidate
+    test = build_evaluator(spec(split="test", limit=None), ZOO / "base")
+    scores = test.evaluate(model)
+    for skill in SKILLS:
+        expected = exact_match(model, test.tokenizer, split_examples(skill, "test"))
+        assert scores[f"zoo_{skill}/acc"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tasks": ["zoo_nonexistent"]}, "lm-eval task 'zoo_nonexistent' does not exist"),
+    ({"objectives": [{"name": "x", "metric": "zoo_target/f1"}]}, "metric 'zoo_target/f1' is not produced"),
+    ({"objectives": [{"name": "x", "metric": "zoo_gen/exact_match,strict"}], "tasks": ["zoo_gen"]},
+     "metric 'zoo_gen/exact_match,strict' is not produced"),
+    ({"split": "validation"}, "has no split 'validation'"),
+])
+def test_bad_fitness_specs_fail_before_any_model(options, message):
+    with pytest.raises(EvomergeError, match=message.replace("(", r"\(")):
+        build_evaluator(spec(**options), ZOO / "base")
+
+
+def test_task_whose_local_data_is_missing(tmp_path):
+    (tmp_path / "broken.yaml").write_text(
+        "task: zoo_broken\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: /nonexistent/data.jsonl}\n"
+        "output_type: loglikelihood\ntest_split: test\ndoc_to_text: prompt\ndoc_to_target: target\n")
+    with pytest.raises(EvomergeError, match="could not be loaded.*check the task's dataset"):
+        build_evaluator(spec(tasks=["zoo_broken"], include_path=str(tmp_path),
+                             objectives=[{"name": "x", "metric": "zoo_broken/acc"}]), ZOO / "base")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tasks": []}, "tasks must be a non-empty list"),
+    ({"limit": 0}, "limit must be a positive integer"),
+    ({"objectives": [{"name": "x", "metric": "acc"}]}, "metric must be TASK/METRIC"),
+    ({"n_examples": 3}, "unknown key"),
+])
+def test_bad_lm_eval_options_are_caught_when_the_spec_loads(options, message):
+    with pytest.raises(EvomergeError, match=message):
+        spec(**options)
+
+
+def test_run_with_a_bad_task_prints_one_line_and_builds_nothing(tmp_path):
+    fitness = tmp_path / "fitness.yaml"
+    fitness.write_text(f"kind: lm_eval\ntasks: [no_such_task]\ninclude_path: {TASKS.resolve()}\n"
+                       "objectives: [{name: x, metric: no_such_task/acc}]\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"name: bad\nmodels: [{ZOO}/expert_rev, {ZOO}/expert_srt]\nbase_model: {ZOO}/base\n"
+                      f"search_space: search_spaces/ps_ties_dare.yaml\nfitness: {fitness}\nsampler: random\n"
+                      f"budget: {{n_trials: 2}}\nstorage: sqlite:///{tmp_path}/study.db\n")
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(config)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "lm-eval task 'no_such_task' does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_fingerprint_ignores_where_the_spec_lives():
+    a = FitnessSpec.load("evaluators/zoo_target.yaml")
+    assert replace(a, source="/elsewhere/zoo_target.yaml").fingerprint() == a.fingerprint()
