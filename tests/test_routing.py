@@ -259,3 +259,22 @@ def test_routed_config_keeps_per_layer_types():
     out = routed_config(config, route, {"a": config})
     assert out.num_hidden_layers == 3 and out.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
     assert config.num_hidden_layers == 4
+
+
+def test_a_short_dfs_search_runs_and_records_path_length(zoo, tmp_path):
+    import optuna
+
+    fitness = {"kind": "zoo_skills", "n_examples": 16, "objectives": [
+        {"name": "mean", "metric": "mean"}, {"name": "path_length", "metric": "path_length", "direction": "minimize"}]}
+    (tmp_path / "fitness.yaml").write_text(yaml.safe_dump(fitness))
+    config = {"name": "dfs", "models": [str(zoo / "expert_rev"), str(zoo / "expert_srt")],
+              "search_space": "search_spaces/dfs_routing.yaml", "fitness": str(tmp_path / "fitness.yaml"),
+              "sampler": "random", "budget": {"n_trials": 4}, "seed": 0, "storage": f"sqlite:///{tmp_path}/dfs.db",
+              "device": "cpu", "dtype": "float32"}
+    (tmp_path / "dfs.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "dfs.yaml"), "--quiet"]) == 0
+    trials = optuna.load_study(study_name="dfs", storage=config["storage"]).get_trials()
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+    for t in trials:
+        recipe = Recipe.from_dict(json.loads(t.user_attrs["recipe"]))
+        assert t.user_attrs["objectives"]["path_length"] == len(recipe.route.layers) <= 8

@@ -15,6 +15,26 @@ A search space YAML names a merge method and which of its parameters are evolved
 The genome is a flat dict of floats named `weight/s0` (source 0, whole model) or
 `weight/s0/g2` (source 0, group 2), and `lambda` or `lambda/g2` for shared genes, so the
 names read well in optuna-dashboard and stay stable while models keep their order.
+
+A `route:` section evolves layer routing (the paper's data-flow space), alone (no `method`)
+or on top of the parameter-space merge (PS+DFS):
+
+    route:
+      sources: [merged, 0]     # route sources: `merged` (this space's PS merge) and run-config model
+                               # indices; default: every model. The first one gives embeddings and head.
+      repeats: 3               # r: T = M x r indicator slots, M = all layers of the sources in order
+      max_path_length: null    # null: 2 x source depth
+      indicator: {low: -1, high: 1, init: 0.5}   # a slot is on when its gene > 0; x0 is +init on the
+                               # first source's first repetition (its own layers in order), -init elsewhere
+      scaling: matrix          # matrix: W[i][j] scales the input of layer j coming from layer i (M x M
+                               # genes, the paper's); per_layer: one factor per layer entered (M genes); none
+      scale: {low: 0.5, high: 2.0, init: 1.0}
+
+Genes: `route/r1/s0.l3` (repetition 1, route source 0, layer 3), `scale/s0.l3>s1.l0` (matrix)
+or `scale/s1.l0` (per_layer). The first step has no incoming transition, so it is unscaled.
+Decoding never fails on a routing genome: a path with more than max_path_length slots on
+keeps the max_path_length slots with the largest genes (in slot order), and a path with none
+on keeps the single largest slot, so every decoded route has 1..max_path_length layers.
 """
 
 from __future__ import annotations
@@ -28,10 +48,12 @@ from optuna.distributions import FloatDistribution
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
-from evomerge.recipe import Recipe, Source, n_groups
+from evomerge.recipe import MERGED, Recipe, Route, Source, Step, n_groups
 from evomerge.yamlio import check_keys, load_yaml_mapping
 
-_KEYS = {"method", "layer_granularity", "per_source", "shared", "options", "seed", "description"}
+_KEYS = {"method", "layer_granularity", "per_source", "shared", "options", "seed", "route", "description"}
+_ROUTE_KEYS = {"sources", "repeats", "max_path_length", "indicator", "scaling", "scale"}
+SCALINGS = ("matrix", "per_layer", "none")
 
 
 @dataclass(frozen=True)
@@ -42,13 +64,52 @@ class Gene:
 
 
 @dataclass(frozen=True)
+class RouteSpace:
+    sources: tuple[str | int, ...] | None = None
+    repeats: int = 3
+    max_path_length: int | None = None
+    indicator: Gene = Gene(-1.0, 1.0, 0.5)
+    scaling: str = "matrix"
+    scale: Gene = Gene(0.5, 2.0, 1.0)
+
+    @classmethod
+    def from_dict(cls, data: Any, has_method: bool, where: str) -> "RouteSpace":
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{where}: expected a mapping with keys {sorted(_ROUTE_KEYS)}")
+        check_keys(data, _ROUTE_KEYS, where)
+        sources = data.get("sources")
+        if sources is not None and (not isinstance(sources, list) or not sources or not all(
+                s == MERGED or (isinstance(s, int) and not isinstance(s, bool) and s >= 0) for s in sources)):
+            raise EvomergeError(f"{where}.sources: expected a list of '{MERGED}' and model indices (0, 1, ...), got {sources!r}")
+        if sources and MERGED in sources and not has_method:
+            raise EvomergeError(f"{where}.sources: '{MERGED}' is the parameter-space merge, but this space has no method")
+        for key, minimum in (("repeats", 1), ("max_path_length", 1)):
+            value = data.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+                raise EvomergeError(f"{where}.{key}: expected an integer >= {minimum}, got {value!r}")
+        if data.get("scaling", "matrix") not in SCALINGS:
+            raise EvomergeError(f"{where}.scaling: expected one of {SCALINGS}, got {data['scaling']!r}")
+        genes = _genes({k: data[k] for k in ("indicator", "scale") if k in data}, {"indicator", "scale"}, where)
+        indicator = genes.get("indicator", cls.indicator)
+        if not indicator.low < 0 < indicator.high or not 0 < indicator.init <= -indicator.low:
+            raise EvomergeError(f"{where}.indicator: need low < 0 < high and 0 < init <= -low (favoured slots start at "
+                                f"+init, the others at -init), got {indicator}")
+        scale = genes.get("scale", cls.scale)
+        if scale.low <= 0:
+            raise EvomergeError(f"{where}.scale: low must be > 0 (only positive factors fold into weights), got {scale.low}")
+        return cls(tuple(sources) if sources else None, data.get("repeats", 3), data.get("max_path_length"),
+                   indicator, data.get("scaling", "matrix"), scale)
+
+
+@dataclass(frozen=True)
 class SearchSpace:
-    method: str
+    method: str | None
     per_source: dict[str, Gene]
     shared: dict[str, Gene]
     options: dict[str, Any]
     layer_granularity: int | None = None
     seed: int = 0
+    route: RouteSpace | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "SearchSpace":
@@ -57,8 +118,14 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "search space") -> "SearchSpace":
         check_keys(data, _KEYS, where)
+        route = RouteSpace.from_dict(data["route"], "method" in data, f"{where}: route") if "route" in data else None
         if "method" not in data:
-            raise EvomergeError(f"{where}: missing key 'method'")
+            if route is None:
+                raise EvomergeError(f"{where}: missing key 'method'")
+            stray = sorted({"per_source", "shared", "options", "layer_granularity", "seed"} & set(data))
+            if stray:
+                raise EvomergeError(f"{where}: {stray} describe a parameter-space merge; add its `method` or remove them")
+            return cls(None, {}, {}, {}, route=route)
         method = get_method(data["method"])
         granularity = data.get("layer_granularity")
         if granularity is not None and (not isinstance(granularity, int) or isinstance(granularity, bool) or granularity < 0):
@@ -69,12 +136,12 @@ class SearchSpace:
         bad = set(options) - set(method.options)
         if bad:
             raise EvomergeError(f"{where}: options {sorted(bad)} are not options of {method.name}; it takes {sorted(method.options)}")
-        if not per_source and not shared:
-            raise EvomergeError(f"{where}: nothing to search: add genes under per_source or shared")
+        if not per_source and not shared and route is None:
+            raise EvomergeError(f"{where}: nothing to search: add genes under per_source, shared or route")
         seed = data.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise EvomergeError(f"{where}: seed must be an integer, got {seed!r}")
-        return cls(method.name, per_source, shared, options, granularity, seed)
+        return cls(method.name, per_source, shared, options, granularity, seed, route)
 
 
 def _genes(data: Any, allowed: Any, where: str) -> dict[str, Gene]:
@@ -100,30 +167,106 @@ def _genes(data: Any, allowed: Any, where: str) -> dict[str, Gene]:
     return genes
 
 
+def _check_models(method_name: str, models: list[str], base_model: str | None) -> None:
+    method = get_method(method_name)
+    if method.needs_base and not base_model:
+        raise EvomergeError(f"search space method {method_name} needs a base_model in the run config")
+    if len(models) < method.min_sources or (method.max_sources is not None and len(models) > method.max_sources):
+        raise EvomergeError(f"{method_name} takes {method.min_sources}"
+                            f"{'' if method.max_sources == method.min_sources else '+'} model(s) besides the base, got {len(models)}")
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class RouteCodec:
+    """Indicator and scale genes <-> a route, for route sources of `n_layers` layers each."""
+
+    def __init__(self, space: RouteSpace, refs: list[str], n_layers: int):
+        self.space, self.refs, self.n_layers = space, refs, n_layers
+        self.m = len(refs) * n_layers
+        self.max_length = space.max_path_length or 2 * n_layers
+        self.slots = [f"route/r{t // self.m}/{self._label(t % self.m)}" for t in range(self.m * space.repeats)]
+        low, high, init = space.indicator.low, space.indicator.high, space.indicator.init
+        self.genes = {name: Gene(low, high, init if t < n_layers else -init) for t, name in enumerate(self.slots)}
+        self.genes.update({name: space.scale for name in self._scale_names()})
+
+    def _label(self, m: int) -> str:
+        return f"s{m // self.n_layers}.l{m % self.n_layers}"
+
+    def _scale_name(self, previous: int, m: int) -> str | None:
+        if self.space.scaling == "matrix":
+            return f"scale/{self._label(previous)}>{self._label(m)}"
+        return f"scale/{self._label(m)}" if self.space.scaling == "per_layer" else None
+
+    def _scale_names(self) -> list[str]:
+        return list(dict.fromkeys(filter(None, (self._scale_name(i, j) for i in range(self.m) for j in range(self.m)))))
+
+    def decode(self, params: dict[str, float]) -> Route:
+        on = [t for t, name in enumerate(self.slots) if params[name] > 0]
+        if len(on) > self.max_length or not on:  # documented: keep the strongest slots, at least one
+            ranked = sorted(on or range(len(self.slots)), key=lambda t: (-params[self.slots[t]], t))
+            on = sorted(ranked[:self.max_length if on else 1])
+        path = [t % self.m for t in on]
+        steps = []
+        for position, m in enumerate(path):
+            name = self._scale_name(path[position - 1], m) if position else None
+            steps.append(Step(self.refs[m // self.n_layers], m % self.n_layers, float(params[name]) if name else 1.0))
+        return Route(steps, self.refs[0])
+
+    def encode(self, route: Route) -> dict[str, float]:
+        """Genes decoding to `route`: each step in the earliest free slot of its layer; unused genes at their init."""
+        on, scales, t, previous = [], {}, 0, None
+        for i, step in enumerate(route.layers):
+            m = self._index(step, i)
+            t += (m - t) % self.m
+            if t >= len(self.slots) or i >= self.max_length:
+                raise EvomergeError(f"route step {i} does not fit {self.space.repeats} repetitions of the sources' layers "
+                                    f"or max_path_length {self.max_length}")
+            name = self._scale_name(previous, m) if previous is not None else None
+            if (name is None and step.scale != 1.0) or scales.setdefault(name, step.scale) != step.scale:
+                raise EvomergeError(f"route step {i} has scale {step.scale}, which this search space cannot express")
+            on.append(t)
+            t, previous = t + 1, m
+        params = {name: self.space.indicator.high if t in on else self.space.indicator.low for t, name in enumerate(self.slots)}
+        params.update({name: self.space.scale.init for name in self._scale_names()})
+        params.update({name: float(v) for name, v in scales.items() if name is not None})
+        return params
+
+    def _index(self, step: Step, i: int) -> int:
+        if step.model not in self.refs or step.layer >= self.n_layers:
+            raise EvomergeError(f"route step {i} ({step.model!r} layer {step.layer}) is not among this search space's "
+                                f"route sources {self.refs} (layers 0..{self.n_layers - 1})")
+        return self.refs.index(step.model) * self.n_layers + step.layer
 
 
 class Genome:
     """The codec for one search space applied to concrete models (their count and depth fix the genes)."""
 
     def __init__(self, space: SearchSpace, models: list[str], base_model: str | None, n_layers: int):
-        method = get_method(space.method)
-        if method.needs_base and not base_model:
-            raise EvomergeError(f"search space method {space.method} needs a base_model in the run config")
-        if len(models) < method.min_sources or (method.max_sources is not None and len(models) > method.max_sources):
-            raise EvomergeError(f"{space.method} takes {method.min_sources}"
-                                f"{'' if method.max_sources == method.min_sources else '+'} model(s) besides the base, got {len(models)}")
+        if space.method is not None:
+            _check_models(space.method, models, base_model)
         self.space, self.models, self.base_model, self.n_layers = space, list(models), base_model, n_layers
         self.groups = None if space.layer_granularity is None else n_groups(n_layers, space.layer_granularity)
         self.genes: dict[str, Gene] = {}
-        for i in range(len(models)):
+        for i in range(len(models) if space.method else 0):
             for param, gene in space.per_source.items():
                 for suffix in self._group_suffixes():
                     self.genes[f"{param}/s{i}{suffix}"] = gene
         for option, gene in space.shared.items():
             for suffix in self._group_suffixes():
                 self.genes[f"{option}{suffix}"] = gene
+        self.route = RouteCodec(space.route, self._route_refs(), n_layers) if space.route else None
+        self.genes.update(self.route.genes if self.route else {})
+
+    def _route_refs(self) -> list[str]:
+        sources = self.space.route.sources or range(len(self.models))
+        bad = [s for s in sources if s != MERGED and s >= len(self.models)]
+        if bad:
+            raise EvomergeError(f"search space route.sources names model index {bad[0]}, but the run config has "
+                                f"{len(self.models)} models (indices 0..{len(self.models) - 1})")
+        return [MERGED if s == MERGED else self.models[s] for s in sources]
 
     def _group_suffixes(self) -> list[str]:
         return [""] if self.groups is None else [f"/g{g}" for g in range(self.groups)]
@@ -145,17 +288,24 @@ class Genome:
         missing = sorted(set(self.genes) - set(params))
         if missing:
             raise EvomergeError(f"genome lacks gene(s) {missing[:3]}; the study was made with another search space")
-        sources = [Source(model, {p: self._value(params, f"{p}/s{i}") for p in self.space.per_source})
-                   for i, model in enumerate(self.models)]
-        options = {**self.space.options, **{o: self._value(params, o) for o in self.space.shared}}
-        recipe = Recipe(method=self.space.method, models=sources, base_model=self.base_model, parameters=options,
-                        layer_granularity=self.space.layer_granularity or 0, seed=self.space.seed)
+        route = self.route.decode(params) if self.route else None
+        if self.space.method is None:
+            recipe = Recipe(method=None, models=[], route=route)
+        else:
+            sources = [Source(model, {p: self._value(params, f"{p}/s{i}") for p in self.space.per_source})
+                       for i, model in enumerate(self.models)]
+            options = {**self.space.options, **{o: self._value(params, o) for o in self.space.shared}}
+            recipe = Recipe(method=self.space.method, models=sources, base_model=self.base_model, parameters=options,
+                            layer_granularity=self.space.layer_granularity or 0, seed=self.space.seed, route=route)
         recipe.validate()
         return recipe
 
     def encode(self, recipe: Recipe) -> dict[str, float]:
-        """The genes of a recipe this genome could have produced (inverse of decode)."""
-        params: dict[str, float] = {}
+        """Genes decoding to `recipe`. Exact inverse of decode for parameter-space genes; a route has many
+        genomes (any positive indicator is "on"), so decode(encode(recipe)) == recipe is what holds there."""
+        if (recipe.route is None) != (self.route is None):
+            raise EvomergeError(f"recipe {'has' if recipe.route else 'lacks'} a route, unlike this search space")
+        params: dict[str, float] = self.route.encode(recipe.route) if self.route else {}
         for i, source in enumerate(recipe.models):
             for p in self.space.per_source:
                 self._store(params, f"{p}/s{i}", source.parameters[p])
