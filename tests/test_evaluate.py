@@ -174,3 +174,25 @@ def test_run_with_a_bad_task_prints_one_line_and_builds_nothing(tmp_path):
 def test_fingerprint_ignores_where_the_spec_lives():
     a = FitnessSpec.load("evaluators/zoo_target.yaml")
     assert replace(a, source="/elsewhere/zoo_target.yaml").fingerprint() == a.fingerprint()
+
+
+def test_demo_runs_then_resumes(tmp_path):
+    """The demo end to end on a tiny budget (the full one is in README); a second run resumes."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "evomerge.cli", "demo", "--n-trials", "3", "--out", str(out), "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for heading in ("Source models on the search split", "Pareto archive", "On the test split", "best merge (trial"):
+        assert heading in first.stdout
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "best" / "model.safetensors").exists()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert second.returncode == 0 and "3/3 trials done" in second.stdout
+    table = lambda text: text[text.index("On the test split"):text.index("Pareto plot")]  # noqa: E731
+    assert table(second.stdout) == table(first.stdout)
+
+
+def test_builtin_task_without_its_data_offline():
+    """gsm8k-style built-in tasks need the hub: offline, one clear error and no model loaded."""
+    with pytest.raises(EvomergeError, match="mgsm_native_cot_ja.*could not be loaded.*offline"):
+        build_evaluator(FitnessSpec.load("evaluators/mgsm_ja.yaml"), ZOO / "base")
