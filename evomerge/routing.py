@@ -85,7 +85,6 @@ def as_module(source: Source, dtype: torch.dtype, trust_remote_code: bool = Fals
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise EvomergeError(f"model {source.ref!r}: checkpoint lacks {missing[0]!r} that the architecture needs")
-    check_layout(model)
     return model.eval().requires_grad_(False)
 
 
@@ -94,7 +93,7 @@ class Router:
 
     def __init__(self, sources: dict[str, Source], shell: PreTrainedModel, dtype: torch.dtype,
                  trust_remote_code: bool = False):
-        check_layout(shell)
+        check_layout(shell)  # the sources share its architecture (checked when they were loaded)
         self.sources, self.shell, self.dtype, self.trust_remote_code = sources, shell, dtype, trust_remote_code
         self._resident: dict[str, PreTrainedModel] = {}
         self._buffers: dict[tuple[int, str, str], torch.Tensor] = {}

@@ -264,7 +264,7 @@ def test_routed_config_keeps_per_layer_types():
 def test_a_short_dfs_search_runs_and_records_path_length(zoo, tmp_path):
     import optuna
 
-    fitness = {"kind": "zoo_skills", "n_examples": 16, "objectives": [
+    fitness = {"kind": "zoo_skills", "n_examples": 8, "objectives": [
         {"name": "mean", "metric": "mean"}, {"name": "path_length", "metric": "path_length", "direction": "minimize"}]}
     (tmp_path / "fitness.yaml").write_text(yaml.safe_dump(fitness))
     config = {"name": "dfs", "models": [str(zoo / "expert_rev"), str(zoo / "expert_srt")],
