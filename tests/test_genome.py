@@ -160,6 +160,10 @@ def test_encode_refuses_routes_the_space_cannot_express():
                            ([Step("m/b", 0, 2.0)], "cannot express")]:
         with pytest.raises(EvomergeError, match=message):
             genome.encode(Recipe(method=None, models=[], route=Route(steps, "m/b")))
+    twice = route_genome({"sources": [1], "repeats": 2, "scaling": "per_layer"})
+    steps = [Step("m/b", 0), Step("m/b", 2, 0.7), Step("m/b", 0, 1.0), Step("m/b", 2, 0.9)]  # one gene, two scales
+    with pytest.raises(EvomergeError, match="cannot express"):
+        twice.encode(Recipe(method=None, models=[], route=Route(steps, "m/b")))
 
 
 @pytest.mark.parametrize("route, message", [

@@ -225,13 +225,14 @@ class RouteCodec:
                 raise EvomergeError(f"route step {i} does not fit {self.space.repeats} repetitions of the sources' layers "
                                     f"or max_path_length {self.max_length}")
             name = self._scale_name(previous, m) if previous is not None else None
-            if (name is None and step.scale != 1.0) or scales.setdefault(name, step.scale) != step.scale:
-                raise EvomergeError(f"route step {i} has scale {step.scale}, which this search space cannot express")
+            if step.scale != (1.0 if name is None else scales.setdefault(name, step.scale)):
+                raise EvomergeError(f"route step {i} has scale {step.scale}, which this search space cannot express "
+                                    "(the first step is unscaled; a gene gives one scale per transition or layer)")
             on.append(t)
             t, previous = t + 1, m
         params = {name: self.space.indicator.high if t in on else self.space.indicator.low for t, name in enumerate(self.slots)}
         params.update({name: self.space.scale.init for name in self._scale_names()})
-        params.update({name: float(v) for name, v in scales.items() if name is not None})
+        params.update({name: float(v) for name, v in scales.items()})
         return params
 
     def _index(self, step: Step, i: int) -> int:
