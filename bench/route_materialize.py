@@ -117,14 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="zoo only")
     parser.add_argument("--routes", type=int, default=10, help="random routes per model family")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     zoo = "evomerge/zoo_models"
     rows = [bench("zoo (0.86M)", [f"{zoo}/expert_rev", f"{zoo}/expert_srt"], 4, args.routes)]
     if not args.quick:
         family = ensure_family("bench/out/family_llama134m", FamilySpec())
         rows.append(bench("LLaMA 134M (random, bf16)", family.experts[:2], family.n_layers, args.routes))
     mb = 1 / 2**20
+    print(f"{torch.get_num_threads()} torch threads, load average {psutil.getloadavg()[0]:.1f} (1 min)")
     print(f"{'model':<26} {'path':>5} {'in-place':>9} {'scratch':>9} {'ratio':>6} {'new MB':>7} {'routed MB':>9} "
           f"{'sources MB':>10} {'buffers MB':>10} {'RSS +MB':>8}")
     for r in rows:
