@@ -1,10 +1,12 @@
 """`evomerge demo`: the whole product on the shipped zoo, offline, in a few minutes.
 
-Scores every source model with the lm-eval zoo tasks, runs (or resumes) the search of
-`runs/demo.yaml` on the tasks' `search` split, prints the Pareto archive, then scores the
-best merge on the `test` split, whose prompts the search never saw, against every source:
-the point of merging is a model better than each of its parts on the combined target.
-The study, the Pareto plot and the best model's checkpoint are written under `runs/demo/`.
+Scores every source model with the lm-eval zoo tasks, runs (or resumes) the parameter-space
+search of `runs/demo.yaml` on the tasks' `search` split, prints the Pareto archive, then
+scores the best merge on the `test` split, whose prompts the search never saw, against every
+source: the point of merging is a model better than each of its parts on the combined
+target. A second, shorter phase (`runs/demo_route.yaml`) routes layers through that merge and
+an expert (PS+DFS) and shows accuracy against depth. Studies, plot and the best model's
+checkpoint are written under `runs/demo/`; running the demo again resumes both studies.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.config import RunConfig, load_config
@@ -24,9 +27,11 @@ from evomerge.fitness import Evaluator
 from evomerge.recipe import Recipe
 from evomerge.search.loop import Search
 from evomerge.search.report import archive_entries, archive_table, plot_archive, run_with_progress
+from evomerge.yamlio import load_yaml_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = Path("runs") / "demo.yaml"
+ROUTE_CONFIG = Path("runs") / "demo_route.yaml"
 TARGET = "zoo_target/acc"
 
 
@@ -99,7 +104,35 @@ def main(n_trials: int | None = None, out: str | None = None, quiet: bool = Fals
     plot = out_dir / "pareto.png"
     plot_archive(config, search.study, entries, plot)
     saved = save_checkpoint(search.materializer, recipe, out_dir / "best", force=True)
-    print(f"Pareto plot: {plot}; best model exported to {saved} (recipe.yaml beside it); "
-          f"{time.perf_counter() - started:.0f} s in all.")
+    print(f"Pareto plot: {plot}; best model exported to {saved} (recipe.yaml beside it).")
     storage = "" if out is None else f" --storage {config.storage}"
     print(f"Inspect the study: evomerge status {DEMO_CONFIG}{storage}; evomerge archive {DEMO_CONFIG}{storage}")
+    route_phase(ROUTE_CONFIG if out is None else _route_config(saved, out_dir), n_trials, evaluators["test"],
+                best_test, quiet)
+    print(f"\nDemo finished in {time.perf_counter() - started:.0f} s.")
+
+
+def _route_config(merge: Path, out_dir: Path) -> Path:
+    """runs/demo_route.yaml with its first model and storage moved into `out_dir`."""
+    data = load_yaml_mapping(ROUTE_CONFIG, "run config")
+    data["models"] = [str(merge), *data["models"][1:]]
+    data["storage"] = f"sqlite:///{out_dir / 'route.db'}"
+    path = out_dir / "demo_route.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def route_phase(config_path: Path, n_trials: int | None, test: Evaluator, merge_test: float, quiet: bool) -> None:
+    """Layer routing through the best merge (the config's first model) and an expert."""
+    config = load_config(config_path, n_trials=n_trials)
+    print(f"\nPhase 2, layer routing (PS+DFS, {config_path}): paths through the best merge and "
+          f"{Path(config.models[1]).name}, r = 3, one scale per layer entered; accuracy vs. depth")
+    search = Search(config)
+    run_with_progress(search, quiet=quiet)
+    best, entries = best_entry(config, search)
+    print(f"\nPareto archive of the routes ({len(entries)} of {config.n_trials} trials, search split):")
+    print(archive_table(config, entries))
+    routed = test.evaluate(search.materializer.apply(Recipe.from_dict(best.recipe, where=f"trial {best.number}")))
+    print(f"Best route (trial {best.number}, {best.values['layers']:.0f} layers) on the test split: "
+          f"{100 * routed[TARGET]:.1f}% vs {100 * merge_test:.1f}% for the merge it routes through "
+          f"({100 * (routed[TARGET] - merge_test):+.1f} points).")

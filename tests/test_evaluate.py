@@ -180,14 +180,16 @@ def test_demo_runs_then_resumes(tmp_path):
     """The demo end to end on a tiny budget (the full one is in README); a second run resumes."""
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "evomerge.cli", "demo", "--n-trials", "3", "--out", str(out), "--quiet"]
+    # --out keeps the test away from the checkout's runs/demo
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    for heading in ("Source models on the search split", "Pareto archive", "On the test split", "best merge (trial"):
+    for heading in ("Source models on the search split", "Pareto archive", "On the test split", "best merge (trial",
+                    "Phase 2, layer routing", "Best route (trial"):
         assert heading in first.stdout
     assert (out / "pareto.png").stat().st_size > 0 and (out / "best" / "model.safetensors").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert second.returncode == 0 and "3/3 trials done" in second.stdout
+    assert second.returncode == 0 and second.stdout.count("3/3 trials done") == 2  # both phases resumed, none added
     table = lambda text: text[text.index("On the test split"):text.index("Pareto plot")]  # noqa: E731
     assert table(second.stdout) == table(first.stdout)
 
