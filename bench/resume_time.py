@@ -58,9 +58,8 @@ def populate(config_path: Path, n: int) -> None:
     storage = open_storage(config.storage, config.heartbeat)
     study = open_study(config, storage, create=True)
     memory = optuna.create_study(directions=study.directions)
-    sampler = None
-    for i in range(n):
-        sampler = memory.sampler = make_sampler(config, genome, i, 0, sampler)
+    memory.sampler = make_sampler(config, genome)
+    for _ in range(n):
         trial = memory.ask()
         params = {k: trial.suggest_float(k, d.low, d.high) for k, d in genome.distributions.items()}
         objectives = fake_objectives(params)
@@ -109,7 +108,7 @@ def study_part(config_path: Path, n: int) -> float:
     start = time.perf_counter()
     study = open_study(config, open_storage(config.storage, config.heartbeat), create=False)
     recover_dead_trials(study)
-    study.sampler = make_sampler(config, genome, count_trials(study)[TrialState.COMPLETE], 0)
+    study.sampler = make_sampler(config, genome)
     trial = study.ask()
     for name, d in genome.distributions.items():
         trial.suggest_float(name, d.low, d.high)

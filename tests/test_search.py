@@ -4,11 +4,8 @@ bad configs that must not touch an existing study."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
@@ -19,51 +16,7 @@ from optuna.trial import TrialState
 from evomerge.cli import main
 from evomerge.config import load_config
 from evomerge.search.loop import Search
-
-FAST_FITNESS = {"kind": "zoo_skills", "n_examples": 24, "objectives": [{"name": s, "metric": s} for s in ("rev", "srt", "cae")],
-                "scalarization": {"rev": 1.0, "srt": 1.0, "cae": 1.0}}
-
-
-def write_config(tmp_path, zoo, name="t", sampler="cmaes", n_trials=6, **extra):
-    (tmp_path / "fitness.yaml").write_text(yaml.safe_dump(FAST_FITNESS))
-    config = {"name": name, "models": [str(zoo / f"expert_{s}") for s in ("rev", "srt", "cae")],
-              "base_model": str(zoo / "base"), "search_space": "search_spaces/ps_ties_dare.yaml",
-              "fitness": str(tmp_path / "fitness.yaml"), "sampler": sampler, "budget": {"n_trials": n_trials},
-              "seed": 0, "storage": f"sqlite:///{tmp_path}/{name}.db", "device": "cpu", "dtype": "float32",
-              "heartbeat": {"interval": 1, "grace": 3}, **extra}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def trials_of(path):
-    config = load_config(path)
-    study = optuna.load_study(study_name=config.study_name, storage=config.storage)
-    return study.get_trials(deepcopy=False)
-
-
-def completed_sequence(path):
-    return [(t.params, t.user_attrs["objectives"]) for t in trials_of(path) if t.state == TrialState.COMPLETE]
-
-
-def run_cli(path, *args, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", "run", str(path), "--quiet", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def wait_for_running_trial_after(path, k, timeout=240):
-    """Until k trials are complete and the next one is running (the moment to SIGKILL the worker)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            states = [t.state for t in trials_of(path)]
-        except KeyError:  # the study is not created yet
-            states = []
-        if states.count(TrialState.COMPLETE) >= k and TrialState.RUNNING in states:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"no running trial after {k} completed")
+from reliability.harness import completed_sequence, run_cli, trials_of, wait_for_running_trial_after, write_config
 
 
 @pytest.mark.parametrize("sampler, kills", [({"name": "cmaes", "popsize": 4}, [2, 4, 7]),

@@ -51,6 +51,11 @@ ones were built on). Failed slots are told to pycma (which minimizes) as
 max-min of the generation's finite completed values in minimization sign; when
 the whole generation failed, every slot gets :data:`ALL_FAILED_VALUE`.
 
+Several workers choose slots under the ``lock`` the sampler is given (a context
+manager per study, e.g. a PostgreSQL advisory lock): without it two workers
+reading the study at the same moment take the same free slot and evaluate the
+same candidate twice.
+
 If the first unfinished generation has all slots held but not all finished, a
 new trial can't be sampled without breaking exactness: :class:`GenerationBusy`
 is raised (from the trial's first ``suggest_float``). A single sequential
@@ -95,7 +100,7 @@ import hashlib
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -344,6 +349,9 @@ class PyCmaSampler(BaseSampler):
         sigma0: initial step size in normalized units (default 1/6).
         x0: initial mean in each distribution's own units (default: the middle
             of each range; missing names also take the middle).
+        lock: ``lock(study)`` returns a context manager under which a new
+            trial reads the study and records its slot; it must exclude other
+            workers on the same study (default: none, for a single worker).
     """
 
     def __init__(
@@ -354,6 +362,7 @@ class PyCmaSampler(BaseSampler):
         popsize: int | None = None,
         sigma0: float = 1 / 6,
         x0: dict[str, float] | None = None,
+        lock: Callable[[Study], AbstractContextManager[Any]] | None = None,
     ) -> None:
         _validate_space(search_space)
         n = len(search_space)
@@ -368,6 +377,7 @@ class PyCmaSampler(BaseSampler):
         self._sigma0 = float(sigma0)
         self._x0 = _normalized_x0(self._space, x0 or {})
         self._independent = RandomSampler(seed=seed)
+        self._lock = lock or (lambda study: nullcontext())
         # In-memory only (never stored): the strategy after the last replay, so a long-lived sampler
         # tells just the generations finished since, instead of replaying the whole history per trial.
         self._memo: tuple[list[list[float]], cma.CMAEvolutionStrategy, _GenerationRandn, list[np.ndarray]] | None = None
@@ -395,18 +405,18 @@ class PyCmaSampler(BaseSampler):
         carried = slot_of(trial)  # a retry carries the slot of the trial it replaces
         if carried is None and "fixed_params" in trial.system_attrs:
             return {}  # a user-enqueued trial: not part of the CMA search
-        trials = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
-        generations = _group(trials, self._popsize)
         sign = _sign(study)
         if carried is None:
-            finished, (g, s) = self._next_slot(generations, sign)
+            with self._lock(study):  # read, choose and record the slot before another worker reads
+                generations = self._generations(study, trial)
+                finished, (g, s) = self._next_slot(generations, sign)
+                study._storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, g)
+                study._storage.set_trial_system_attr(trial._trial_id, SLOT_KEY, s)
         else:
+            generations = self._generations(study, trial)
             g, s = carried
             finished = self._finished_before(generations, g, sign)
         candidates = self._replay(finished, generations)
-        if carried is None:
-            study._storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, g)
-            study._storage.set_trial_system_attr(trial._trial_id, SLOT_KEY, s)
         return self._to_params(candidates[s])
 
     def sample_independent(
@@ -429,6 +439,9 @@ class PyCmaSampler(BaseSampler):
         return False
 
     # -- internals -------------------------------------------------------------
+
+    def _generations(self, study: Study, trial: FrozenTrial) -> dict[int, _Generation]:
+        return _group([t for t in study.get_trials(deepcopy=False) if t.number != trial.number], self._popsize)
 
     def _next_slot(
         self, generations: dict[int, _Generation], sign: float

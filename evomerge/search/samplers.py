@@ -1,42 +1,78 @@
-"""Building the sampler for the next trial.
+"""Building the run's sampler.
 
-Optuna samplers seed their RNG once, at construction, so a restarted process would
-restart the stream. Building a fresh sampler before every ask, seeded from (run seed,
-completed trials, running trials), makes a killed and resumed single worker propose
-exactly what an uninterrupted one would. CMA-ES replays its own generations from the
-study and always gets the run seed.
+Optuna samplers seed their RNG once, at construction, so a restarted process would restart
+the stream. `TrialSeeded` rebuilds the sampler before every trial with a seed keyed on that
+trial's place among the study's fresh trials (a retry takes the place of the trial it
+retries), so a killed and resumed single worker proposes exactly what an uninterrupted one
+would, and concurrent workers, or a trial after a failed one, never share a seed. CMA-ES
+replays its own generations from the study and always gets the run seed.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Any, Callable, Sequence
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import RunConfig
 from evomerge.search.cma_sampler import PyCmaSampler
 from evomerge.search.genome import Genome
+from evomerge.search.study import slot_lock
+
+RETRY_HISTORY = "retry_history"  # Optuna's retry callback: numbers of the earlier attempts, the original first
 
 
-def trial_seed(seed: int, n_complete: int, n_running: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{n_complete}:{n_running}".encode()).digest()
+def trial_seed(seed: int, place: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{place}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
-def make_sampler(config: RunConfig, genome: Genome, n_complete: int, n_running: int,
-                 previous: BaseSampler | None = None) -> BaseSampler:
-    """The sampler for the next ask; CMA-ES keeps its instance (`previous`), whose in-memory
-    memo spares replaying the whole history on every trial."""
+def fresh_place(study: Study, trial: FrozenTrial) -> int:
+    """How many fresh trials (not retries) precede the trial, or the trial it retries."""
+    number = trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0]
+    trials = study.get_trials(deepcopy=False)
+    return sum(1 for t in trials if t.number < number and RETRY_HISTORY not in t.system_attrs)
+
+
+class TrialSeeded(BaseSampler):
+    """A sampler built anew for each trial by `build(seed)`, seeded from (run seed, fresh place)."""
+
+    def __init__(self, build: Callable[[int], BaseSampler], seed: int):
+        self._build, self._seed = build, seed
+        self._inner = build(seed)
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._inner = self._build(trial_seed(self._seed, fresh_place(study, trial)))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+
+def make_sampler(config: RunConfig, genome: Genome) -> BaseSampler:
+    """The run's sampler; one instance serves the whole run (CMA-ES keeps an in-memory memo
+    that spares replaying the whole history on every trial)."""
     options = dict(config.sampler_options)
     if config.sampler == "cmaes":
-        if isinstance(previous, PyCmaSampler):
-            return previous
-        return PyCmaSampler(genome.distributions, seed=config.seed, x0=genome.x0, **options)
-    seed = trial_seed(config.seed, n_complete, n_running)
+        return PyCmaSampler(genome.distributions, seed=config.seed, x0=genome.x0, lock=slot_lock, **options)
     if config.sampler == "nsga2":
         options.setdefault("population_size", 16)
-        return optuna.samplers.NSGAIISampler(seed=seed, **options)
+        return TrialSeeded(lambda seed: optuna.samplers.NSGAIISampler(seed=seed, **options), config.seed)
     if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **options)
-    return optuna.samplers.RandomSampler(seed=seed)
+        return TrialSeeded(lambda seed: optuna.samplers.TPESampler(seed=seed, **options), config.seed)
+    return TrialSeeded(lambda seed: optuna.samplers.RandomSampler(seed=seed), config.seed)

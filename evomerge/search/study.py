@@ -6,22 +6,31 @@ A worker that dies mid-trial leaves a RUNNING trial. If it ran on this host and 
 process is gone, it is failed at once and retried with the same parameters (so a killed
 single-worker search resumes exactly where it stopped); otherwise Optuna's heartbeats
 fail it once its grace period passes, and the same retry applies.
+
+Several workers share a study only on a server database (PostgreSQL): the few steps where a
+worker reads the study, decides and writes (creating the schema or the study, taking a CMA-ES
+slot) run under a PostgreSQL advisory lock, so two workers never take the same decision.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
-from datetime import datetime
 import socket
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 import sqlalchemy
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from evomerge.config import RunConfig
@@ -30,12 +39,29 @@ from evomerge.errors import EvomergeError
 FINGERPRINT = "evomerge:fingerprint"
 OBJECTIVES = "evomerge:objectives"
 WORKER = "evomerge:worker"
+SAMPLED = "evomerge:sampled"
 HOST = socket.gethostname()
 # Heartbeats in an ask/tell loop are what Optuna's docs prescribe for it; its warnings say otherwise.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
                         message=".*(RetryHeartbeatStaleTrialCallback|heartbeat_interval|fail_stale_trials)")
-retry_dead_trial = RetryHeartbeatStaleTrialCallback(max_retry=1)
+_retry_once = RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+
+def retry_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Enqueue the one retry of a trial whose worker died (also Optuna's heartbeat callback).
+
+    The retry carries the trial's params only once all were sampled: a worker killed between
+    two suggests leaves some, and fixing those would make the sampler draw the rest from
+    another point of its stream. It never carries the dead worker's claim, which would get the
+    retry failed as dead again before its new worker claims it, nor the dead attempt's records
+    (its error, results stored before the kill)."""
+    retry = copy.deepcopy(trial)
+    retry.system_attrs.pop(WORKER, None)
+    retry.user_attrs = {}
+    if not trial.system_attrs.get(SAMPLED):
+        retry.params, retry.distributions = {}, {}
+    _retry_once(study, retry)
 
 
 def redact(url: str) -> str:
@@ -47,6 +73,45 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _backend(storage: BaseStorage) -> BaseStorage:
+    """The storage behind Optuna's in-process cache (which studies wrap around an RDBStorage)."""
+    return getattr(storage, "_backend", storage)
+
+
+def _lock_number(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"evomerge:{key}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def _advisory_lock(engine: sqlalchemy.Engine, key: str) -> Iterator[None]:
+    """Held on its own connection; the server releases it if the worker dies holding it."""
+    if engine.dialect.name != "postgresql":  # SQLite: one worker per study, nothing to serialize
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _lock_number(key)})
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _lock_number(key)})
+
+
+@contextmanager
+def exclusive(storage: BaseStorage, key: str) -> Iterator[None]:
+    """One worker at a time through a read-decide-write step on a shared study."""
+    backend = _backend(storage)
+    if not isinstance(backend, RDBStorage):
+        yield
+        return
+    with _advisory_lock(backend.engine, key):
+        yield
+
+
+def slot_lock(study: optuna.Study) -> AbstractContextManager[None]:
+    """Held by a worker while it chooses the next CMA-ES slot of the study."""
+    return exclusive(study._storage, f"slots:{study.study_name}")
+
+
 def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> RDBStorage:
     heartbeat = heartbeat or {"interval": 10.0, "grace": 30.0}
     engine_kwargs: dict[str, Any] = {}
@@ -54,9 +119,12 @@ def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> RDBStor
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(max(1, heartbeat["interval"])),
-                          grace_period=int(max(2, heartbeat["grace"])),
-                          heartbeat_stale_trial_callback=retry_dead_trial)
+        # Workers starting together on a new database would race to create Optuna's tables.
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
+        with _advisory_lock(engine, "schema"):
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(max(1, heartbeat["interval"])),
+                              grace_period=int(max(2, heartbeat["grace"])),
+                              heartbeat_stale_trial_callback=retry_dead_trial)
     except Exception as exc:  # SQLAlchemy: unreachable host, wrong password, missing driver, bad URL
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvomergeError(f"cannot open storage {redact(url)}: {redact(first)}") from None
@@ -70,16 +138,18 @@ def study_directions(config: RunConfig) -> list[str]:
 def open_study(config: RunConfig, storage: RDBStorage, *, create: bool) -> optuna.Study:
     """Resume the config's study, or create it when `create`; refuse a study made by another search."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=config.study_name, storage=storage)
-    except KeyError:
-        if not create:
-            raise EvomergeError(f"no study {config.study_name!r} in {redact(config.storage)}; "
-                                f"start it with: evomerge run {config.path}") from None
-        study = optuna.create_study(study_name=config.study_name, storage=storage, directions=study_directions(config))
-        study.set_user_attr(FINGERPRINT, config.fingerprint())
-        study.set_user_attr(OBJECTIVES, [[o.name, o.direction] for o in config.fitness.objectives])
-        return study
+    with exclusive(storage, f"study:{config.study_name}"):  # no worker sees a study half made (no fingerprint yet)
+        try:
+            study = optuna.load_study(study_name=config.study_name, storage=storage)
+        except KeyError:
+            if not create:
+                raise EvomergeError(f"no study {config.study_name!r} in {redact(config.storage)}; "
+                                    f"start it with: evomerge run {config.path}") from None
+            study = optuna.create_study(study_name=config.study_name, storage=storage,
+                                        directions=study_directions(config))
+            study.set_user_attr(FINGERPRINT, config.fingerprint())
+            study.set_user_attr(OBJECTIVES, [[o.name, o.direction] for o in config.fitness.objectives])
+            return study
     stored = study.user_attrs.get(FINGERPRINT)
     if stored is None:
         raise EvomergeError(f"study {config.study_name!r} in {redact(config.storage)} was not made by evomerge; "
@@ -105,14 +175,12 @@ def _pid_alive(pid: int) -> bool:
 def trials_in_state(study: optuna.Study, *states: TrialState) -> list[optuna.trial.FrozenTrial]:
     """Filtered in SQL: Optuna's cached storage would first read every trial of the study
     (seconds for a 10,000-trial study) even to list the few RUNNING ones."""
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    return backend.get_all_trials(study._study_id, deepcopy=False, states=states)
+    return _backend(study._storage).get_all_trials(study._study_id, deepcopy=False, states=states)
 
 
 def count_trials(study: optuna.Study) -> dict[TrialState, int]:
     """One COUNT query (Optuna's get_n_trials loads every trial to count them)."""
-    backend = getattr(study._storage, "_backend", study._storage)
+    backend = _backend(study._storage)
     counts = dict.fromkeys(TrialState, 0)
     if not isinstance(backend, RDBStorage):
         for trial in study.get_trials(deepcopy=False):
@@ -140,16 +208,19 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     """Fail (and retry once) RUNNING trials whose worker is gone; returns their numbers."""
     optuna.storages.fail_stale_trials(study)
     storage = study._storage
-    backend = getattr(storage, "_backend", storage)
+    backend = _backend(storage)
     single_worker = isinstance(backend, RDBStorage) and backend.engine.dialect.name == "sqlite"
     grace = float(backend.get_heartbeat_interval() or 10) * 3 if isinstance(backend, RDBStorage) else 30.0
     recovered = []
     for trial in trials_in_state(study, TrialState.RUNNING):
         if _is_dead(trial, single_worker, grace):
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                storage.set_trial_user_attr(trial._trial_id, "error", "its worker process died")
-                retry_dead_trial(study, storage.get_trial(trial._trial_id))
-                recovered.append(trial.number)
+            try:
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                continue  # another worker recovered it first
+            storage.set_trial_user_attr(trial._trial_id, "error", "its worker process died")
+            retry_dead_trial(study, storage.get_trial(trial._trial_id))
+            recovered.append(trial.number)
     return recovered
 
 
@@ -164,6 +235,11 @@ def refuse_second_sqlite_worker(study: optuna.Study, url: str) -> None:
         raise EvomergeError(f"another worker (pid {worker.get('pid', '?')} on {worker.get('host', '?')}) is running trial "
                             f"{running[0].number} of this SQLite study; SQLite cannot share a study between workers: "
                             "use a postgresql:// storage URL for several workers")
+
+
+def mark_sampled(study: optuna.Study, trial_id: int) -> None:
+    """All the trial's params are recorded: a retry may carry them (see retry_dead_trial)."""
+    study._storage.set_trial_system_attr(trial_id, SAMPLED, True)
 
 
 def claim(study: optuna.Study, trial_id: int) -> None:
