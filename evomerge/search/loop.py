@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from evomerge import faults
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.fitness import Evaluator, build_evaluator, candidate_costs
@@ -65,8 +67,10 @@ class Search:
         model = self.materializer.apply(recipe)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
+        faults.at("materialize")
         merged = time.perf_counter()
-        scores = self.evaluator.evaluate(model)
+        scores = faults.scores(self.evaluator.evaluate(model))
+        faults.at("evaluate")
         evaluated = time.perf_counter()
         objectives = self.config.fitness.objective_values({**scores, **candidate_costs(model)})
         bad = [k for k, v in objectives.items() if not math.isfinite(v)]
@@ -106,6 +110,7 @@ class Search:
             return None
         trial = self.study.ask()
         claim(self.study, trial._trial_id)  # at once: a worker killed from here on is recoverable
+        faults.begin(trial.number)
         with Heartbeat(self.storage, trial._trial_id):  # from the claim on: sampling may wait for other workers
             try:
                 for name, dist in self.genome.distributions.items():
@@ -114,6 +119,7 @@ class Search:
                 trial.set_user_attr("error", str(exc))
                 self.study.tell(trial, state=TrialState.FAIL)
                 return None
+            faults.at("sample")
             mark_sampled(self.study, trial._trial_id)
             try:
                 scored = self._scored_before(trial) or self.score(trial.params)
@@ -129,6 +135,7 @@ class Search:
                            ("recipe", self.genome.decode(trial.params).to_json()),  # cheap: no tensors
                            ("device", str(self.materializer.device))):
             trial.set_user_attr(key, value)
+        faults.at("store")
         self.study.tell(trial, told)
         return {"number": trial.number, "state": "COMPLETE", "objectives": values, "value": told[0] if len(told) == 1 else None}
 
@@ -145,6 +152,7 @@ class Search:
 
     def _failed(self, trial: optuna.Trial, exc: BaseException) -> dict[str, Any]:
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        traceback.clear_frames(exc.__traceback__)  # the frames' locals (activations of an OOM) go now, not later
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

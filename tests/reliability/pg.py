@@ -6,6 +6,7 @@ is on, so tests can check that the password never leaks and that a wrong one is 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -39,10 +40,8 @@ class Cluster:
     """initdb + pg_ctl start in a fresh directory; `stop()` removes everything."""
 
     def __init__(self) -> None:
-        try:
-            import psycopg  # noqa: F401  (the driver SQLAlchemy 2.1 uses for postgresql:// URLs)
-        except ImportError:
-            raise Unavailable("psycopg is not installed (pip install -e '.[postgres]')") from None
+        if importlib.util.find_spec("psycopg") is None:  # the driver SQLAlchemy 2.1 uses for postgresql:// URLs
+            raise Unavailable("psycopg is not installed (pip install -e '.[postgres]')")
         self.root = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))
         self.port = _free_port()
         self._as_user: list[str] = []
