@@ -66,15 +66,21 @@ def write_config(name: str, base: str, experts: list[str], limit: int | None, tr
     return path
 
 
-def ours(config_path: Path) -> tuple[list[float], float, list[Recipe], Search]:
+def ours(config_path: Path) -> tuple[dict[str, float], list[Recipe], Search]:
+    """Median per-trial seconds: whole trial, forward passes, merge, lm-eval around the forwards."""
     search = Search(load_config(config_path))
     clock = ForwardClock(search.materializer.candidate)
-    ends = [time.perf_counter()]
-    search.run(lambda n, record: ends.append(time.perf_counter()))
-    trials = [b - a for a, b in zip(ends, ends[1:])]
-    recipes = [Recipe.from_dict(json.loads(t.user_attrs["recipe"]))
-               for t in search.study.get_trials() if "recipe" in t.user_attrs]
-    return trials, clock.total / len(trials), recipes, search
+    marks = [(time.perf_counter(), 0.0)]
+    search.run(lambda n, record: marks.append((time.perf_counter(), clock.total)))
+    trials = [t for t in search.study.get_trials() if "timings" in t.user_attrs]
+    steps = list(zip(marks, marks[1:], trials))[1:]  # the first trial also wraps the model: warm-up
+    median = lambda values: statistics.median(list(values))  # noqa: E731
+    parts = {"trial": median(b[0] - a[0] for a, b, _ in steps),
+             "forward": median(b[1] - a[1] for a, b, _ in steps),
+             "merge": median(t.user_attrs["timings"]["materialize_s"] for _, _, t in steps),
+             "evaluate": median(t.user_attrs["timings"]["evaluate_s"] for _, _, t in steps)}
+    recipes = [Recipe.from_dict(json.loads(t.user_attrs["recipe"])) for t in trials]
+    return parts, recipes, search
 
 
 def naive(search: Search, recipes: list[Recipe], limit: int | None, work: Path) -> list[float]:
@@ -99,13 +105,14 @@ def naive(search: Search, recipes: list[Recipe], limit: int | None, work: Path) 
 def measure(label: str, base: str, experts: list[str], limit: int | None, trials: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ours_times, forward, recipes, search = ours(write_config(label, base, experts, limit, trials, work))
-        naive_times = naive(search, recipes, limit, work)
-    t_ours, t_naive = statistics.median(ours_times), statistics.median(naive_times)
-    print(f"{label:<12} {search.materializer.candidate.num_parameters() / 1e6:>7.1f}M  forward {forward:7.3f} s  "
-          f"evomerge trial {t_ours:7.3f} s (overhead {100 * (1 - forward / t_ours):5.1f}%)  "
-          f"naive trial {t_naive:7.3f} s (overhead {100 * (1 - forward / t_naive):5.1f}%)  "
-          f"naive/evomerge {t_naive / t_ours:5.2f}x", flush=True)
+        parts, recipes, search = ours(write_config(label, base, experts, limit, trials, work))
+        t_naive = statistics.median(naive(search, recipes[1:], limit, work))
+    t_ours, forward = parts["trial"], parts["forward"]
+    print(f"{label:<11} {search.materializer.candidate.num_parameters() / 1e6:>6.1f}M  forward {forward:7.3f} s | "
+          f"evomerge trial {t_ours:7.3f} s: merge {parts['merge']:.3f}, lm-eval {parts['evaluate'] - forward:.3f}, "
+          f"loop {t_ours - parts['merge'] - parts['evaluate']:.3f}; overhead {100 * (1 - forward / t_ours):4.1f}% | "
+          f"naive trial {t_naive:7.3f} s, overhead {100 * (1 - forward / t_naive):4.1f}% | "
+          f"naive/evomerge {t_naive / t_ours:4.2f}x", flush=True)
 
 
 def large_family() -> tuple[str, list[str]]:
