@@ -7,13 +7,24 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from evomerge.errors import EvomergeError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes print one line like every other error (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"evomerge: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _add_loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="merge device: cuda, cuda:1, cpu (default: cuda when available)")
+    _add_opt_in_flags(p)
+
+
+def _add_opt_in_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load *.bin/*.pt weights (pickle can run code; safetensors only by default)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
@@ -55,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from evomerge.search.report import run_with_progress, status_text
 
     config = _config(args)
-    search = Search(config)
+    search = Search(config, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     run_with_progress(search, quiet=args.quiet)
     print(status_text(config, search.study))
 
@@ -118,7 +129,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary search over model-merging recipes.")
+    parser = _Parser(prog="evomerge", description="Evolutionary search over model-merging recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="materialize a recipe YAML and save it as a Hugging Face checkpoint")
@@ -139,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-trials", type=int, help="total completed trials the study should reach (not: trials to add)")
     run.add_argument("--seed", type=int, help="search seed (default: the config's)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_opt_in_flags(run)
     run.set_defaults(func=cmd_run)
     study_parser("status", "trials done/failed/running, best per objective, hypervolume, budget, ETA").set_defaults(func=cmd_status)
     archive = study_parser("archive", "the Pareto archive of the study")

@@ -122,8 +122,10 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
         path=path, name=name, models=models, base_model=base, search_space=space,
         search_space_path=str(data["search_space"]), fitness=fitness, fitness_path=str(data["fitness"]),
         sampler=sampler, sampler_options=sampler_options,
-        n_trials=n_trials if n_trials is not None else _int(budget, "n_trials", f"{where}: budget", 100, 1),
-        wall_clock_s=wall, seed=seed if seed is not None else _int(data, "seed", where, 0, 0),
+        n_trials=_int(budget, "n_trials", f"{where}: budget", 100, 1) if n_trials is None else
+        _int({"--n-trials": n_trials}, "--n-trials", "command line", None, 1),
+        wall_clock_s=wall,
+        seed=_int(data, "seed", where, 0, 0) if seed is None else _int({"--seed": seed}, "--seed", "command line", None, 0),
         storage=storage or data.get("storage") or f"sqlite:///runs/{name}/study.db",
         study_name=study_name or data.get("study_name") or name,
         device=None if device == "auto" else str(device), dtype=dtype,

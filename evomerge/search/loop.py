@@ -30,7 +30,7 @@ from evomerge.search.study import (Heartbeat, claim, count_trials, mark_sampled,
                                    recover_dead_trials, refuse_second_sqlite_worker, retry_dead_trial, trials_in_state)
 
 MAX_CONSECUTIVE_FAILURES = 20
-BUSY_WAIT_S = 2.0
+BUSY_WAIT_S = 0.5  # polling the study while other workers hold the rest of a generation or budget
 
 
 @dataclass
@@ -43,17 +43,18 @@ class Scored:
 class Search:
     """Everything loaded once for a run: sources, candidate, evaluator, study."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, *, allow_pickle: bool = False, trust_remote_code: bool = False):
         self.config = config
         refs = ([config.base_model] if config.base_model else []) + config.models
-        self.materializer = Materializer(refs, dtype=config.dtype, device=config.device)
+        self.materializer = Materializer(refs, dtype=config.dtype, device=config.device, allow_pickle=allow_pickle,
+                                         trust_remote_code=trust_remote_code)
         self.genome = Genome(config.search_space, config.models, config.base_model, self.materializer.n_layers)
         tokenizer_source = self.materializer.sources[refs[0]].path
         self.evaluator: Evaluator = build_evaluator(config.fitness, tokenizer_source)
         self.storage = open_storage(config.storage, config.heartbeat)
         self.study = open_study(config, self.storage, create=True)
         self.study.sampler = make_sampler(config, self.genome)
-        refuse_second_sqlite_worker(self.study, config.storage)
+        self._sqlite_lock = refuse_second_sqlite_worker(self.study, config.storage)  # held while this object lives
 
     def counts(self) -> dict[TrialState, int]:
         return count_trials(self.study)

@@ -9,12 +9,14 @@ fail it once its grace period passes, and the same retry applies.
 
 Several workers share a study only on a server database (PostgreSQL): the few steps where a
 worker reads the study, decides and writes (creating the schema or the study, taking a CMA-ES
-slot) run under a PostgreSQL advisory lock, so two workers never take the same decision.
+slot) run under a PostgreSQL advisory lock, so two workers never take the same decision. A
+SQLite study takes one worker; a lock file refuses a second one.
 """
 
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import os
 import socket
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
@@ -84,8 +86,17 @@ def _lock_number(key: str) -> int:
 
 @contextmanager
 def _advisory_lock(engine: sqlalchemy.Engine, key: str) -> Iterator[None]:
-    """Held on its own connection; the server releases it if the worker dies holding it."""
-    if engine.dialect.name != "postgresql":  # SQLite: one worker per study, nothing to serialize
+    """PostgreSQL: an advisory lock on its own connection, which the server releases if the
+    worker dies holding it. A SQLite file: flock on the file, for the moments before a second
+    worker is refused (two starting together would both create the tables); SQLite's own
+    locks are fcntl byte ranges, which flock does not touch."""
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and database != ":memory:":
+        with open(database, "a") as file:  # an empty file is an empty SQLite database
+            fcntl.flock(file, fcntl.LOCK_EX)
+            yield
+        return
+    if engine.dialect.name != "postgresql":
         yield
         return
     with engine.connect() as connection:
@@ -116,7 +127,12 @@ def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> RDBStor
     heartbeat = heartbeat or {"interval": 10.0, "grace": 30.0}
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EvomergeError(f"cannot create folder {folder} for storage {redact(url)}: {exc.strerror}; "
+                                "give a writable path (--storage sqlite:///PATH/study.db)") from None
         engine_kwargs = {"connect_args": {"timeout": 60}}
     try:
         # Workers starting together on a new database would race to create Optuna's tables.
@@ -224,17 +240,32 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     return recovered
 
 
-def refuse_second_sqlite_worker(study: optuna.Study, url: str) -> None:
-    """SQLite ignores row locks, so two workers can pop one queued trial twice: one worker per SQLite study."""
+_ONE_WORKER = "SQLite cannot share a study between workers: use a postgresql:// storage URL for several workers"
+
+
+def refuse_second_sqlite_worker(study: optuna.Study, url: str) -> IO[str] | None:
+    """SQLite ignores row locks, so two workers can pop one queued trial twice: one worker per
+    SQLite study. A lock file beside the database, held while the returned file stays open,
+    refuses a second worker on this host even when both start at the same moment; a RUNNING
+    trial of a live worker refuses one elsewhere (a shared folder)."""
     if not url.startswith("sqlite"):
-        return
+        return None
+    lock = None
+    if url.startswith("sqlite:///"):
+        path = Path(f"{url[len('sqlite:///'):]}-{study.study_name}.lock")
+        lock = path.open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise EvomergeError(f"another worker is running this SQLite study ({path} is locked); {_ONE_WORKER}") from None
     recover_dead_trials(study)
     running = trials_in_state(study, TrialState.RUNNING)
     if running:
         worker = running[0].system_attrs.get(WORKER) or {}
         raise EvomergeError(f"another worker (pid {worker.get('pid', '?')} on {worker.get('host', '?')}) is running trial "
-                            f"{running[0].number} of this SQLite study; SQLite cannot share a study between workers: "
-                            "use a postgresql:// storage URL for several workers")
+                            f"{running[0].number} of this SQLite study; {_ONE_WORKER}")
+    return lock
 
 
 def mark_sampled(study: optuna.Study, trial_id: int) -> None:
