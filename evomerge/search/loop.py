@@ -26,8 +26,8 @@ from evomerge.merge.materialize import Materializer
 from evomerge.search.cma_sampler import CANDIDATE_FAILURE, FAILURE_ATTR, GenerationBusy, PyCmaSampler
 from evomerge.search.genome import Genome
 from evomerge.search.samplers import make_sampler
-from evomerge.search.study import (Heartbeat, claim, count_trials, mark_sampled, open_storage, open_study,
-                                   recover_dead_trials, refuse_second_sqlite_worker, retry_dead_trial, trials_in_state)
+from evomerge.search.study import (Heartbeat, claim, count_trials, fail_and_retry, mark_sampled, open_storage,
+                                   open_study, recover_dead_trials, refuse_second_sqlite_worker, trials_in_state)
 
 MAX_CONSECUTIVE_FAILURES = 20
 BUSY_WAIT_S = 0.5  # polling the study while other workers hold the rest of a generation or budget
@@ -169,7 +169,4 @@ class Search:
 
     def _interrupted(self, trial: optuna.Trial) -> None:
         """Ctrl-C: the trial is not the candidate's fault; fail it so that it is retried first on resume."""
-        storage = self.study._storage
-        if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-            storage.set_trial_user_attr(trial._trial_id, "error", "interrupted")
-            retry_dead_trial(self.study, storage.get_trial(trial._trial_id))
+        fail_and_retry(self.study, trial._trial_id, "interrupted")

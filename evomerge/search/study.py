@@ -223,21 +223,25 @@ def _is_dead(trial: optuna.trial.FrozenTrial, single_worker: bool, grace_s: floa
 def recover_dead_trials(study: optuna.Study) -> list[int]:
     """Fail (and retry once) RUNNING trials whose worker is gone; returns their numbers."""
     optuna.storages.fail_stale_trials(study)
-    storage = study._storage
-    backend = _backend(storage)
+    backend = _backend(study._storage)
     single_worker = isinstance(backend, RDBStorage) and backend.engine.dialect.name == "sqlite"
     grace = float(backend.get_heartbeat_interval() or 10) * 3 if isinstance(backend, RDBStorage) else 30.0
-    recovered = []
-    for trial in trials_in_state(study, TrialState.RUNNING):
-        if _is_dead(trial, single_worker, grace):
-            try:
-                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            except UpdateFinishedTrialError:
-                continue  # another worker recovered it first
-            storage.set_trial_user_attr(trial._trial_id, "error", "its worker process died")
-            retry_dead_trial(study, storage.get_trial(trial._trial_id))
-            recovered.append(trial.number)
-    return recovered
+    dead = [t for t in trials_in_state(study, TrialState.RUNNING) if _is_dead(t, single_worker, grace)]
+    return [t.number for t in dead if fail_and_retry(study, t._trial_id, "its worker process died")]
+
+
+def fail_and_retry(study: optuna.Study, trial_id: int, reason: str) -> bool:
+    """Fail a trial that is not the candidate's fault (its worker died or was interrupted) and
+    enqueue its retry; False if another worker did it first. The reason goes first: a finished
+    trial takes no more attrs."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial_id, "error", reason)
+        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+    retry_dead_trial(study, storage.get_trial(trial_id))
+    return True
 
 
 _ONE_WORKER = "SQLite cannot share a study between workers: use a postgresql:// storage URL for several workers"

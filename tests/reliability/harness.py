@@ -1,19 +1,25 @@
 """Helpers shared by the search tests, the reliability tests and bench/soak.py: a run config on
-the zoo with a fast fitness, reading a study back, and running `evomerge run` as a process."""
+the zoo with a fast fitness, reading a study back, running `evomerge run` as a process, and
+killing it at a chosen phase or moment, then checking what the study kept."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge import faults
 from evomerge.config import load_config
+from evomerge.search.report import archive_entries
 
 FAST_FITNESS = {"kind": "zoo_skills", "n_examples": 24, "objectives": [{"name": s, "metric": s} for s in ("rev", "srt", "cae")],
                 "scalarization": {"rev": 1.0, "srt": 1.0, "cae": 1.0}}
@@ -50,10 +56,10 @@ def run_cli(path: Path, *args: str, env: dict[str, str] | None = None) -> subpro
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def wait_for_running_trial_after(path: Path, k: int, timeout: float = 240) -> None:
+def wait_for_running_trial_after(path: Path, k: int, timeout: float = 240, proc: subprocess.Popen | None = None) -> None:
     """Until k trials are complete and the next one is running (the moment to SIGKILL the worker)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
             states = [t.state for t in trials_of(path)]
         except KeyError:  # the study is not created yet
@@ -62,3 +68,64 @@ def wait_for_running_trial_after(path: Path, k: int, timeout: float = 240) -> No
             return
         time.sleep(0.05)
     raise TimeoutError(f"no running trial after {k} completed")
+
+
+# ------------------------------------------------------------------ kill and resume
+
+KILL_PHASES = ("sample", "materialize", "evaluate", "store")  # where evomerge.faults can hold a trial
+
+
+def kill_in_phase(path: Path, phase: str, nth: int) -> bool:
+    """Start `evomerge run` and SIGKILL it while its nth trial is held in `phase` (EVOMERGE_FAULT
+    sleep, announced on stderr). False if the run finished its budget first."""
+    proc = run_cli(path, env={faults.ENV: f"nth={nth}:sleep@{phase}=600"})
+    for line in proc.stdout:
+        if line.startswith("evomerge-fault:"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    return proc.wait() == -signal.SIGKILL
+
+
+def kill_after(path: Path, k: int, delay: float) -> bool:
+    """Start `evomerge run` and SIGKILL it `delay` seconds after k trials are complete and the
+    next one runs: an arbitrary point (asking, sampling, merging, scoring, telling)."""
+    proc = run_cli(path)
+    try:
+        wait_for_running_trial_after(path, k, proc=proc)
+    except TimeoutError:
+        pass  # the run finished first
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait() == -signal.SIGKILL
+
+
+@dataclass
+class Audit:
+    """What a killed-and-resumed study must keep: every trial seen complete stays complete, with
+    the same params and objectives."""
+
+    seen: dict[int, tuple[dict, dict]] = field(default_factory=dict)
+
+    def record(self, path: Path) -> None:
+        for t in trials_of(path):
+            if t.state == TrialState.COMPLETE:
+                self.seen.setdefault(t.number, (t.params, t.user_attrs["objectives"]))
+
+    def lost(self, path: Path) -> list[int]:
+        now = {t.number: (t.params, t.user_attrs.get("objectives")) for t in trials_of(path) if t.state == TrialState.COMPLETE}
+        return [n for n, result in self.seen.items() if now.get(n) != result]
+
+
+def evaluated_twice(path: Path) -> int:
+    """Completed evaluations of a parameter set that had already completed (copies are not evaluations)."""
+    evaluated = [tuple(sorted(t.params.items())) for t in trials_of(path)
+                 if t.state == TrialState.COMPLETE and "copy_of" not in t.user_attrs]
+    return len(evaluated) - len(set(evaluated))
+
+
+def archive_key(path: Path) -> list[str]:
+    """The Pareto archive as comparable text: objectives and recipe of each entry (numbers differ
+    between runs: a retry takes a new trial number)."""
+    config = load_config(path)
+    study = optuna.load_study(study_name=config.study_name, storage=config.storage)
+    return sorted(json.dumps([e.values, e.recipe], sort_keys=True) for e in archive_entries(config, study))

@@ -68,3 +68,16 @@ def test_a_candidate_already_scored_is_copied_not_evaluated(search):
     assert copy.state == TrialState.COMPLETE and copy.user_attrs["copy_of"] == done[0].number
     assert copy.user_attrs["objectives"] == done[0].user_attrs["objectives"]
     assert copy.user_attrs["timings"]["evaluate_s"] == 0.0
+
+
+def test_ctrl_c_fails_the_trial_as_not_the_candidates_fault_and_enqueues_its_retry(search, monkeypatch):
+    def interrupt(params):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "score", interrupt)
+    search.config.n_trials += 1
+    with pytest.raises(KeyboardInterrupt):
+        search.run()
+    *_, stopped, retry = trials_of(search.config.path)
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs == {"error": "interrupted"}
+    assert retry.state == TrialState.WAITING and retry.params == stopped.params and retry.user_attrs == {}
