@@ -26,8 +26,9 @@ from evomerge.merge.materialize import Materializer
 from evomerge.search.cma_sampler import CANDIDATE_FAILURE, FAILURE_ATTR, GenerationBusy, PyCmaSampler
 from evomerge.search.genome import Genome
 from evomerge.search.samplers import make_sampler
-from evomerge.search.study import (Heartbeat, claim, count_trials, fail_and_retry, mark_sampled, open_storage,
-                                   open_study, recover_dead_trials, refuse_second_sqlite_worker, trials_in_state)
+from evomerge.search.study import (Heartbeat, claim, count_trials, exclusive, fail_and_retry, mark_sampled,
+                                   open_storage, open_study, recover_dead_trials, refuse_second_sqlite_worker,
+                                   trials_in_state)
 
 MAX_CONSECUTIVE_FAILURES = 20
 BUSY_WAIT_S = 0.5  # polling the study while other workers hold the rest of a generation or budget
@@ -109,8 +110,12 @@ class Search:
         if isinstance(sampler, PyCmaSampler) and not self._waiting() and sampler.is_busy(self.study):
             time.sleep(BUSY_WAIT_S)  # other workers hold the rest of this CMA-ES generation
             return None
-        trial = self.study.ask()
-        claim(self.study, trial._trial_id)  # at once: a worker killed from here on is recoverable
+        with exclusive(self.study._storage, f"budget:{self.study.study_name}"):  # workers must not overshoot it
+            counts = self.counts()
+            if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= self.config.n_trials:
+                return None  # another worker took the budget's last trial since run() counted
+            trial = self.study.ask()
+            claim(self.study, trial._trial_id)  # at once: a worker killed from here on is recoverable
         faults.begin(trial.number)
         with Heartbeat(self.storage, trial._trial_id):  # from the claim on: sampling may wait for other workers
             try:
