@@ -63,7 +63,7 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     sampler = {"name": args.sampler, **SAMPLER_OPTIONS[args.sampler]}
-    n = args.kills + 16  # each killed process completes at least one trial
+    n = 2 * args.kills + 16  # a killed process completes one trial or more first
     zoo = Path("evomerge/zoo_models")
     straight, killed = (write_config(out, zoo, name, sampler, n) for name in ("straight", "killed"))
     start = time.perf_counter()

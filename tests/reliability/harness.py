@@ -76,9 +76,11 @@ KILL_PHASES = ("sample", "materialize", "evaluate", "store")  # where evomerge.f
 
 
 def kill_in_phase(path: Path, phase: str, nth: int) -> bool:
-    """Start `evomerge run` and SIGKILL it while its nth trial is held in `phase` (EVOMERGE_FAULT
+    """Start `evomerge run` and SIGKILL it while its nth trial, or the first after it to reach
+    `phase` (a copied candidate skips materialize and evaluate), is held there (EVOMERGE_FAULT
     sleep, announced on stderr). False if the run finished its budget first."""
-    proc = run_cli(path, env={faults.ENV: f"nth={nth}:sleep@{phase}=600"})
+    rules = "; ".join(f"nth={k}:sleep@{phase}=600" for k in range(nth, nth + 8))
+    proc = run_cli(path, env={faults.ENV: rules})
     for line in proc.stdout:
         if line.startswith("evomerge-fault:"):
             proc.send_signal(signal.SIGKILL)
