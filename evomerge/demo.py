@@ -45,7 +45,7 @@ def _score_table(rows: dict[str, dict[str, float]], columns: dict[str, str]) -> 
 
 
 def _load(path: Path, dtype: str) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True).eval()
 
 
 def _columns(config: RunConfig) -> dict[str, str]:

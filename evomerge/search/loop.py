@@ -21,8 +21,10 @@ from optuna.trial import TrialState
 from evomerge import faults
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.fitness import Evaluator, build_evaluator, candidate_costs
+from evomerge.evaluate import build_evaluator
+from evomerge.fitness import Evaluator, candidate_costs
 from evomerge.merge.materialize import Materializer
+from evomerge.models import resolve_path
 from evomerge.search.cma_sampler import CANDIDATE_FAILURE, FAILURE_ATTR, GenerationBusy, PyCmaSampler
 from evomerge.search.genome import Genome
 from evomerge.search.samplers import make_sampler
@@ -47,11 +49,11 @@ class Search:
     def __init__(self, config: RunConfig, *, allow_pickle: bool = False, trust_remote_code: bool = False):
         self.config = config
         refs = ([config.base_model] if config.base_model else []) + config.models
+        # the evaluator first: a bad task or metric is reported before any model is loaded
+        self.evaluator: Evaluator = build_evaluator(config.fitness, resolve_path(refs[0], allow_pickle=allow_pickle))
         self.materializer = Materializer(refs, dtype=config.dtype, device=config.device, allow_pickle=allow_pickle,
                                          trust_remote_code=trust_remote_code)
         self.genome = Genome(config.search_space, config.models, config.base_model, self.materializer.n_layers)
-        tokenizer_source = self.materializer.sources[refs[0]].path
-        self.evaluator: Evaluator = build_evaluator(config.fitness, tokenizer_source)
         self.storage = open_storage(config.storage, config.heartbeat)
         self.study = open_study(config, self.storage, create=True)
         self.study.sampler = make_sampler(config, self.genome)
