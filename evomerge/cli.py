@@ -164,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loading_flags(export)
     export.set_defaults(func=cmd_export)
 
-    demo = sub.add_parser("demo", help="search merges of the shipped zoo and show the best one beat every source "
-                                       "(offline, a few minutes; resumes if run again)")
-    demo.add_argument("--n-trials", type=int, help="total trials of the demo study (default: runs/demo.yaml's)")
+    demo = sub.add_parser("demo", help="search merges of the shipped zoo and compare the best with every source on "
+                                       "held-out prompts (offline, about a minute; resumes if run again)")
+    demo.add_argument("--n-trials", type=int, help="trials of each phase (default: runs/demo.yaml's 60, runs/demo_route.yaml's 30)")
     demo.add_argument("--out", help="folder for the demo's study, plot and best model (default: runs/demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
