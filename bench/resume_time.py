@@ -11,7 +11,6 @@ Also prints how long `import evomerge.cli` + the search's imports take on their 
 from __future__ import annotations
 
 import argparse
-import math
 import sqlite3
 import subprocess
 import sys
@@ -100,7 +99,7 @@ def study_part(config_path: Path, n: int) -> float:
     from evomerge.merge.materialize import Materializer
     from evomerge.search.genome import Genome
     from evomerge.search.samplers import make_sampler
-    from evomerge.search.study import count_trials, open_storage, open_study, recover_dead_trials
+    from evomerge.search.study import open_storage, open_study, recover_dead_trials
 
     config = load_config(config_path)
     genome = Genome(config.search_space, config.models, config.base_model,
