@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from evomerge.export import save_checkpoint
 from evomerge.fitness import Evaluator
 from evomerge.recipe import Recipe
 from evomerge.search.loop import Search
+from evomerge.search.archive import ArchiveEntry
 from evomerge.search.report import archive_entries, archive_table, plot_archive, run_with_progress
 from evomerge.yamlio import load_yaml_mapping
 
@@ -63,9 +64,27 @@ def score_sources(config: RunConfig, evaluators: dict[str, Evaluator]) -> dict[s
     return tables
 
 
-def best_entry(config: RunConfig, search: Search):
+@dataclass
+class Phase:
+    """One finished study of the demo and its best trial, materialized in the search's candidate."""
+    search: Search
+    entries: list[ArchiveEntry]
+    best: ArchiveEntry
+    recipe: Recipe
+    model: PreTrainedModel
+
+
+def run_phase(config: RunConfig, title: str, quiet: bool) -> Phase:
+    """Run (or resume) one study, print its Pareto archive, and materialize its best trial
+    (by the scalarization)."""
+    search = Search(config)
+    run_with_progress(search, quiet=quiet)
     entries = archive_entries(config, search.study)
-    return max(entries, key=lambda e: config.fitness.scalarize(e.values)), entries
+    best = max(entries, key=lambda e: config.fitness.scalarize(e.values))
+    print(f"\n{title} ({len(entries)} of {config.n_trials} trials, search split):")
+    print(archive_table(config, entries))
+    recipe = Recipe.from_dict(best.recipe, where=f"trial {best.number}")
+    return Phase(search, entries, best, recipe, search.materializer.apply(recipe))
 
 
 def main(n_trials: int | None = None, out: str | None = None, quiet: bool = False) -> None:
@@ -83,18 +102,11 @@ def main(n_trials: int | None = None, out: str | None = None, quiet: bool = Fals
     columns = _columns(config)
     print("Source models on the search split:\n" + _score_table(sources["search"], columns) + "\n")
 
-    search = Search(config)
-    run_with_progress(search, quiet=quiet)
-    best, entries = best_entry(config, search)
-    print(f"\nPareto archive ({len(entries)} of {config.n_trials} trials, search split):")
-    print(archive_table(config, entries))
-
-    recipe = Recipe.from_dict(best.recipe, where=f"trial {best.number}")
-    model = search.materializer.apply(recipe)
-    merged = {f"best merge (trial {best.number})": evaluators["test"].evaluate(model)}
+    phase = run_phase(config, "Pareto archive", quiet)
+    merged = evaluators["test"].evaluate(phase.model)
     print("\nOn the test split (prompts the search never saw):")
-    print(_score_table({**sources["test"], **merged}, columns))
-    best_test = next(iter(merged.values()))[TARGET]
+    print(_score_table({**sources["test"], f"best merge (trial {phase.best.number})": merged}, columns))
+    best_test = merged[TARGET]
     runner_up = max(sources["test"].items(), key=lambda kv: kv[1][TARGET])
     verdict = "beats" if best_test > runner_up[1][TARGET] else "does NOT beat"
     print(f"\nThe best merge {verdict} every source on the combined target: {100 * best_test:.1f}% vs "
@@ -102,8 +114,8 @@ def main(n_trials: int | None = None, out: str | None = None, quiet: bool = Fals
           f"{100 * (best_test - runner_up[1][TARGET]):+.1f} points.")
 
     plot = out_dir / "pareto.png"
-    plot_archive(config, search.study, entries, plot)
-    saved = save_checkpoint(search.materializer, recipe, out_dir / "best", force=True)
+    plot_archive(config, phase.search.study, phase.entries, plot)
+    saved = save_checkpoint(phase.search.materializer, phase.recipe, out_dir / "best", force=True)
     print(f"Pareto plot: {plot}; best model exported to {saved} (recipe.yaml beside it).")
     storage = "" if out is None else f" --storage {config.storage}"
     print(f"Inspect the study: evomerge status {DEMO_CONFIG}{storage}; evomerge archive {DEMO_CONFIG}{storage}")
@@ -127,12 +139,8 @@ def route_phase(config_path: Path, n_trials: int | None, test: Evaluator, merge_
     config = load_config(config_path, n_trials=n_trials)
     print(f"\nPhase 2, layer routing (PS+DFS, {config_path}): paths through the best merge and "
           f"{Path(config.models[1]).name}, r = 3, one scale per layer entered; accuracy vs. depth")
-    search = Search(config)
-    run_with_progress(search, quiet=quiet)
-    best, entries = best_entry(config, search)
-    print(f"\nPareto archive of the routes ({len(entries)} of {config.n_trials} trials, search split):")
-    print(archive_table(config, entries))
-    routed = test.evaluate(search.materializer.apply(Recipe.from_dict(best.recipe, where=f"trial {best.number}")))
-    print(f"Best route (trial {best.number}, {best.values['layers']:.0f} layers) on the test split: "
+    phase = run_phase(config, "Pareto archive of the routes", quiet)
+    routed = test.evaluate(phase.model)
+    print(f"Best route (trial {phase.best.number}, {phase.best.values['layers']:.0f} layers) on the test split: "
           f"{100 * routed[TARGET]:.1f}% vs {100 * merge_test:.1f}% for the merge it routes through "
           f"({100 * (routed[TARGET] - merge_test):+.1f} points).")
