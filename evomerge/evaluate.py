@@ -70,14 +70,15 @@ def load_tasks(names: list[str], include_path: Path) -> tuple[Any, dict[str, Any
 
     include = str(include_path) if include_path.is_dir() else None
     with quiet():
-        manager = TaskManager(include_path=include, include_defaults=False) if include else None
-        if manager is None or set(names) - set(manager.all_tasks):
+        local = TaskManager(include_path=include, include_defaults=False) if include else None
+        manager = local
+        if local is None or set(names) - set(local.all_tasks):
             manager = TaskManager(include_path=include, include_defaults=True)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        local = sorted(TaskManager(include_path=include, include_defaults=False).all_tasks) if include else []
+        local_names = sorted(local.all_tasks) if local else []
         raise EvomergeError(f"lm-eval task {unknown[0]!r} does not exist (not built in, not under {include_path}); "
-                            f"local tasks: {local}")
+                            f"local tasks: {local_names}")
     try:
         with quiet():
             return manager, manager.load(list(names))
