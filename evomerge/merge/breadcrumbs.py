@@ -27,5 +27,4 @@ def outlier_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG |
 
 
 for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
-    gta_method(_name, "https://arxiv.org/abs/2312.06795", sparsifier=outlier_mask, consensus=_consensus,
-               normalize=False, rescale=False, extra_params={"gamma": 0.01})
+    gta_method(_name, sparsifier=outlier_mask, consensus=_consensus)

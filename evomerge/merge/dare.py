@@ -23,5 +23,4 @@ def random_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | 
 
 
 for _name, _consensus in (("dare_ties", True), ("dare_linear", False)):
-    gta_method(_name, "https://arxiv.org/abs/2311.03099", sparsifier=random_mask, consensus=_consensus,
-               normalize=False, rescale=True, random=True)
+    gta_method(_name, sparsifier=random_mask, consensus=_consensus)

@@ -32,6 +32,5 @@ def magprune_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG 
     return rng.keep_mask(keep_probabilities(delta, density, epsilon), delta.shape, delta.device)
 
 
-for _name, _consensus, _normalize in (("della", True, True), ("della_linear", False, False)):
-    gta_method(_name, "https://arxiv.org/abs/2406.11617", sparsifier=magprune_mask, consensus=_consensus,
-               normalize=_normalize, rescale=True, extra_params={"epsilon": 0.15}, random=True)
+for _name, _consensus in (("della", True), ("della_linear", False)):
+    gta_method(_name, sparsifier=magprune_mask, consensus=_consensus)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.registry import MergeMethod, chunk_elements, compute_dtype, register
+from evomerge.merge.registry import chunk_elements, compute_dtype, register_kernel
 
 
 def linear(base, sources, params, options, rng, out):
@@ -34,5 +34,4 @@ def linear(base, sources, params, options, rng, out):
     return out
 
 
-register(MergeMethod(name="linear", fn=linear, reference="https://arxiv.org/abs/2203.05482",
-                     source_params={"weight": None}, options={"normalize": True}, needs_base=False))
+register_kernel("linear", linear)

@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from evomerge.merge.registry import MergeMethod, compute_dtype, register
+from evomerge.merge.registry import compute_dtype, register_kernel
 
 
 def model_stock(base, sources, params, options, rng, out):
@@ -32,5 +32,4 @@ def model_stock(base, sources, params, options, rng, out):
     return merged if out is None else out.copy_(merged)
 
 
-register(MergeMethod(name="model_stock", fn=model_stock, reference="https://arxiv.org/abs/2403.19522",
-                     source_params={}, options={"filter_wise": False}, min_sources=2))
+register_kernel("model_stock", model_stock)

@@ -1,53 +1,42 @@
-"""The merge-method registry and the one entry point that runs a method on one tensor.
+"""Merge kernels by method name, and the one entry point that runs a method on one tensor.
 
-A method is data (its name, which parameters it takes, their defaults) plus a pure
-tensor function; `merge_tensor` checks the inputs once, fills in defaults and calls it.
+A method is data (`evomerge.merge.methods`: its name, parameters, defaults) plus a pure
+tensor function registered here by its operator module; `merge_tensor` checks the inputs
+once, fills in defaults and calls it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merge.methods import METHODS, MergeMethod, get_method
 from evomerge.merge.rng import TensorRNG
 
 # fn(base, sources, params, options, rng, out) -> merged tensor (written into `out` when given)
 MergeFn = Callable[..., torch.Tensor]
+OPERATOR_MODULES = ("linear", "slerp", "model_stock", "task_arithmetic", "ties", "dare", "breadcrumbs", "della")
+KERNELS: dict[str, MergeFn] = {}
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    """What a merge method accepts; the tensor function does the rest."""
-
-    name: str
-    fn: MergeFn
-    reference: str
-    source_params: Mapping[str, float | None]  # per-source parameter -> default (None = required)
-    options: Mapping[str, Any] = field(default_factory=dict)  # method-wide option -> default (None = required)
-    needs_base: bool = True
-    min_sources: int = 1
-    max_sources: int | None = None
-    random: bool = False
+def register_kernel(name: str, fn: MergeFn) -> None:
+    """Called by each operator module for the methods it implements."""
+    if name not in METHODS:
+        raise ValueError(f"kernel for {name!r}, which evomerge.merge.methods does not declare")
+    if name in KERNELS:
+        raise ValueError(f"merge method {name!r} has two kernels")
+    KERNELS[name] = fn
 
 
-METHODS: dict[str, MergeMethod] = {}
-
-
-def register(method: MergeMethod) -> MergeMethod:
-    if method.name in METHODS:
-        raise ValueError(f"merge method {method.name!r} is registered twice")
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> MergeMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise EvomergeError(f"unknown merge method {name!r}; choose one of: {', '.join(sorted(METHODS))}") from None
+def kernel(name: str) -> MergeFn:
+    if not KERNELS:
+        for module in OPERATOR_MODULES:
+            importlib.import_module(f"evomerge.merge.{module}")
+    get_method(name)  # the unknown-method message
+    return KERNELS[name]
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -124,4 +113,4 @@ def merge_tensor(
     check_inputs(m, base, sources, len(params))
     if m.random and generator is None:
         raise EvomergeError(f"{m.name} is random: pass a generator (evomerge.merge.tensor_generator(seed, name))")
-    return m.fn(base, list(sources), resolve_source_params(m, params), resolve_options(m, options), generator, out)
+    return kernel(m.name)(base, list(sources), resolve_source_params(m, params), resolve_options(m, options), generator, out)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from evomerge.merge.registry import MergeMethod, chunk_elements, compute_dtype, register
+from evomerge.merge.registry import chunk_elements, compute_dtype, register_kernel
 
 
 def _chunks(numel: int, device: torch.device):
@@ -42,5 +42,4 @@ def slerp(base, sources, params, options, rng, out):
     return out
 
 
-register(MergeMethod(name="slerp", fn=slerp, reference="https://en.wikipedia.org/wiki/Slerp",
-                     source_params={}, options={"t": None}, min_sources=1, max_sources=1))
+register_kernel("slerp", slerp)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.registry import MergeMethod, chunk_elements, compute_dtype, register
+from evomerge.merge.registry import chunk_elements, compute_dtype, register_kernel
 from evomerge.merge.rng import TensorRNG
 
 # sparsifier(delta, params_of_this_source, rng) -> mask (bool or float, same shape) or None for "keep all"
@@ -114,23 +114,14 @@ def generalized_task_arithmetic(
     return out
 
 
-def gta_method(name: str, reference: str, *, sparsifier: Sparsifier | None, consensus: bool,
-               normalize: bool, rescale: bool, extra_params: dict[str, float] | None = None,
-               random: bool = False) -> MergeMethod:
-    """Register one member of the task-arithmetic family with mergekit's defaults."""
-    source_params: dict[str, float | None] = {"weight": None}
-    options: dict[str, Any] = {"normalize": normalize, "lambda": 1.0}
-    if sparsifier is not None:
-        source_params["density"] = 1.0
-        options.update(rescale=rescale, rescale_mode="l1")
-    source_params.update(extra_params or {})
+def gta_method(name: str, *, sparsifier: Sparsifier | None, consensus: bool) -> None:
+    """Register the kernel of one member of the task-arithmetic family (its parameters and
+    defaults are declared in evomerge.merge.methods)."""
 
     def fn(base, sources, params, opts, rng, out):
         return generalized_task_arithmetic(base, sources, params, opts, rng, out, sparsifier=sparsifier, consensus=consensus)
 
-    return register(MergeMethod(name=name, fn=fn, reference=reference, source_params=source_params,
-                                options=options, random=random))
+    register_kernel(name, fn)
 
 
-gta_method("task_arithmetic", "https://arxiv.org/abs/2212.04089", sparsifier=None, consensus=False,
-           normalize=False, rescale=False)
+gta_method("task_arithmetic", sparsifier=None, consensus=False)

@@ -22,5 +22,4 @@ def magnitude_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG
     return mask.view_as(delta)
 
 
-gta_method("ties", "https://arxiv.org/abs/2306.01708", sparsifier=magnitude_mask, consensus=True,
-           normalize=True, rescale=False)
+gta_method("ties", sparsifier=magnitude_mask, consensus=True)
