@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -179,11 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_hub_progress_bars() -> None:
+    """Our own one-line summaries instead. Set before transformers loads: importing it here would
+    cost a resumed search seconds before its first proposal."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # called in-process (tests, notebooks)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own one-line summaries instead
+    _no_hub_progress_bars()
     try:
         args.func(args)
     except EvomergeError as exc:

@@ -29,8 +29,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
-
 from evomerge.errors import EvomergeError
 
 ENV = "EVOMERGE_FAULT"
@@ -114,5 +112,7 @@ def _fire(rule: Rule) -> None:
     elif rule.kind == "error":
         raise RuntimeError(f"injected evaluator error ({ENV}, {where})")
     else:
+        import torch  # here: the search imports this module before it loads torch
+
         held = torch.full((OOM_BYTES,), 1, dtype=torch.uint8, device="cuda" if torch.cuda.is_available() else "cpu")
         raise torch.OutOfMemoryError(f"injected out of memory ({ENV}, {where}) holding {held.numel() >> 20} MiB")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING, Any, Protocol
 
 from evomerge.errors import EvomergeError
 from evomerge.yamlio import check_keys, load_yaml_mapping
-from evomerge.zoo import SKILLS
+
+if TYPE_CHECKING:  # a fitness spec is read (to resume a search) without loading torch
+    from transformers import PreTrainedModel
 
 COST_METRICS = ("param_count", "path_length")
 _COMMON = {"kind", "objectives", "scalarization", "description"}
@@ -58,7 +58,8 @@ KINDS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "include_path": ("tasks", lambda v: isinstance(v, str) and v, "a folder of task YAMLs"),
     },
 }
-ZOO_METRICS = (*SKILLS, "mean")
+ZOO_SKILLS = ("rev", "srt", "cae")  # the zoo's skills (evomerge.zoo trains one expert per skill)
+ZOO_METRICS = (*ZOO_SKILLS, "mean")
 
 
 @dataclass(frozen=True)

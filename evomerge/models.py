@@ -4,7 +4,6 @@ to pickle, remote code only on request, and the compatibility checks a merge nee
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig
 
 from evomerge.errors import EvomergeError
+from evomerge.refs import resolve_path
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.tiktoken"]
 
 
 @dataclass
@@ -26,25 +24,6 @@ class Source:
     path: Path
     config: PretrainedConfig
     tensors: dict[str, torch.Tensor]
-
-
-def resolve_path(ref: str, *, allow_pickle: bool = False) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded (weights in safetensors only, unless pickle is allowed)."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise EvomergeError(f"model {ref!r} is a file; point at the checkpoint directory (with config.json)")
-    if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
-        raise EvomergeError(f"model {ref!r}: no such directory (paths are relative to {Path.cwd()})")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = _HUB_FILES + (["*.bin", "*.pt"] if allow_pickle else [])
-        return Path(snapshot_download(ref, allow_patterns=patterns))
-    except Exception as exc:  # network, auth, missing repo: all one line for the user
-        raise EvomergeError(f"model {ref!r}: not a local directory and the hub download failed: "
-                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 def load_config(path: Path, ref: str, trust_remote_code: bool) -> PretrainedConfig:

@@ -37,7 +37,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-SKILLS: tuple[str, ...] = ("rev", "srt", "cae")
+from evomerge.fitness import ZOO_SKILLS
+
+SKILLS: tuple[str, ...] = ZOO_SKILLS
 TASKS: tuple[str, ...] = SKILLS + ("cpy",)  # "cpy" only teaches the base to read and copy
 ZOO_DIR = Path(__file__).parent / "zoo_models"
 ZOO_MODELS = ("base", "expert_rev", "expert_srt", "expert_cae")
