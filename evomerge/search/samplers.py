@@ -22,10 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.config import RunConfig
 from evomerge.search.cma_sampler import PyCmaSampler
 from evomerge.search.genome import Genome
-from evomerge.search.study import slot_lock
-
-RETRY_HISTORY = "retry_history"  # Optuna's retry callback: numbers of the earlier attempts, the original first
-
+from evomerge.search.study import RETRY_HISTORY, count_fresh_before, slot_lock
 
 def trial_seed(seed: int, place: int) -> int:
     digest = hashlib.sha256(f"{seed}:{place}".encode()).digest()
@@ -34,9 +31,7 @@ def trial_seed(seed: int, place: int) -> int:
 
 def fresh_place(study: Study, trial: FrozenTrial) -> int:
     """How many fresh trials (not retries) precede the trial, or the trial it retries."""
-    number = trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0]
-    trials = study.get_trials(deepcopy=False)
-    return sum(1 for t in trials if t.number < number and RETRY_HISTORY not in t.system_attrs)
+    return count_fresh_before(study, trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0])
 
 
 class TrialSeeded(BaseSampler):

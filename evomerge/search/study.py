@@ -37,11 +37,14 @@ from optuna.trial import TrialState
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
+from evomerge.search.bulk_storage import open_rdb
 
 FINGERPRINT = "evomerge:fingerprint"
 OBJECTIVES = "evomerge:objectives"
+N_LAYERS = "evomerge:n_layers"  # of the models: with it, a resumed search proposes before loading them
 WORKER = "evomerge:worker"
 SAMPLED = "evomerge:sampled"
+RETRY_HISTORY = "retry_history"  # Optuna's retry callback: numbers of the earlier attempts, the original first
 HOST = socket.gethostname()
 # Heartbeats in an ask/tell loop are what Optuna's docs prescribe for it; its warnings say otherwise.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -123,7 +126,7 @@ def slot_lock(study: optuna.Study) -> AbstractContextManager[None]:
     return exclusive(study._storage, f"slots:{study.study_name}")
 
 
-def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> RDBStorage:
+def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> BaseStorage:
     heartbeat = heartbeat or {"interval": 10.0, "grace": 30.0}
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
@@ -138,7 +141,7 @@ def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> RDBStor
         # Workers starting together on a new database would race to create Optuna's tables.
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
         with _advisory_lock(engine, "schema"):
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(max(1, heartbeat["interval"])),
+            return open_rdb(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(max(1, heartbeat["interval"])),
                               grace_period=int(max(2, heartbeat["grace"])),
                               heartbeat_stale_trial_callback=retry_dead_trial)
     except Exception as exc:  # SQLAlchemy: unreachable host, wrong password, missing driver, bad URL
@@ -146,26 +149,24 @@ def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> RDBStor
         raise EvomergeError(f"cannot open storage {redact(url)}: {redact(first)}") from None
 
 
+def sqlite_file_missing(url: str) -> bool:
+    """A SQLite URL whose file does not exist yet (it holds no study; opening it would create it)."""
+    return url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists()
+
+
 def study_directions(config: RunConfig) -> list[str]:
     """NSGA-II sees every objective; single-objective samplers see the scalarization (maximized)."""
     return config.fitness.directions if config.sampler == "nsga2" else ["maximize"]
 
 
-def open_study(config: RunConfig, storage: RDBStorage, *, create: bool) -> optuna.Study:
-    """Resume the config's study, or create it when `create`; refuse a study made by another search."""
+def find_study(config: RunConfig, storage: BaseStorage) -> optuna.Study | None:
+    """The config's study, or None if there is none; refuses a study made by another search."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with exclusive(storage, f"study:{config.study_name}"):  # no worker sees a study half made (no fingerprint yet)
         try:
             study = optuna.load_study(study_name=config.study_name, storage=storage)
         except KeyError:
-            if not create:
-                raise EvomergeError(f"no study {config.study_name!r} in {redact(config.storage)}; "
-                                    f"start it with: evomerge run {config.path}") from None
-            study = optuna.create_study(study_name=config.study_name, storage=storage,
-                                        directions=study_directions(config))
-            study.set_user_attr(FINGERPRINT, config.fingerprint())
-            study.set_user_attr(OBJECTIVES, [[o.name, o.direction] for o in config.fitness.objectives])
-            return study
+            return None
     stored = study.user_attrs.get(FINGERPRINT)
     if stored is None:
         raise EvomergeError(f"study {config.study_name!r} in {redact(config.storage)} was not made by evomerge; "
@@ -176,6 +177,28 @@ def open_study(config: RunConfig, storage: RDBStorage, *, create: bool) -> optun
         raise EvomergeError(f"study {config.study_name!r} was made with a different {key} ({stored.get(key)!r}, "
                             f"now {config.fingerprint().get(key)!r}); use a new --study-name or restore the config")
     return study
+
+
+def open_study(config: RunConfig, storage: BaseStorage, *, create: bool, n_layers: int | None = None) -> optuna.Study:
+    """Resume the config's study, or create it when `create` (recording the models' `n_layers`)."""
+    study = find_study(config, storage)
+    if study is not None:
+        return study
+    if not create:
+        raise EvomergeError(f"no study {config.study_name!r} in {redact(config.storage)}; "
+                            f"start it with: evomerge run {config.path}")
+    with exclusive(storage, f"study:{config.study_name}"):
+        try:
+            optuna.load_study(study_name=config.study_name, storage=storage)
+        except KeyError:
+            study = optuna.create_study(study_name=config.study_name, storage=storage,
+                                        directions=study_directions(config))
+            study.set_user_attr(FINGERPRINT, config.fingerprint())
+            study.set_user_attr(OBJECTIVES, [[o.name, o.direction] for o in config.fitness.objectives])
+            if n_layers is not None:
+                study.set_user_attr(N_LAYERS, n_layers)
+            return study
+    return open_study(config, storage, create=False)  # another worker made it meanwhile: check its fingerprint
 
 
 def _pid_alive(pid: int) -> bool:
@@ -207,6 +230,17 @@ def count_trials(study: optuna.Study) -> dict[TrialState, int]:
         for state, n in connection.execute(query, {"study": study._study_id}):
             counts[TrialState[state]] = n
     return counts
+
+
+def count_fresh_before(study: optuna.Study, number: int) -> int:
+    """Trials numbered below `number` that are not retries, in one COUNT query (not a read of the study)."""
+    backend = _backend(study._storage)
+    if not isinstance(backend, RDBStorage):
+        return sum(1 for t in study.get_trials(deepcopy=False) if t.number < number and RETRY_HISTORY not in t.system_attrs)
+    query = sqlalchemy.text("SELECT COUNT(*) FROM trials t WHERE t.study_id = :study AND t.number < :number AND NOT EXISTS "
+                            "(SELECT 1 FROM trial_system_attributes a WHERE a.trial_id = t.trial_id AND a.key = :key)")
+    with backend.engine.connect() as connection:
+        return int(connection.execute(query, {"study": study._study_id, "number": number, "key": RETRY_HISTORY}).scalar())
 
 
 def _is_dead(trial: optuna.trial.FrozenTrial, single_worker: bool, grace_s: float) -> bool:

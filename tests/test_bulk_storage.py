@@ -1,0 +1,89 @@
+"""evomerge's storage reads the very trials Optuna's own RDBStorage reads (every state, value,
+distribution and attribute kind), and a resumed study's first proposal reads no finished trial."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState, create_trial
+
+from evomerge.search.bulk_storage import BulkRDBStorage, open_rdb
+
+
+def _varied_study(url: str) -> int:
+    """Trials in every state, with every kind of value, distribution and attribute."""
+    study = optuna.create_study(storage=url, directions=["maximize", "minimize"])
+    dists = {"x": FloatDistribution(0, 1), "lr": FloatDistribution(1e-5, 1, log=True), "q": FloatDistribution(0, 1, step=0.25),
+             "n": IntDistribution(1, 9), "k": IntDistribution(2, 64, log=True), "c": CategoricalDistribution(["a", None, 3, 1.5])}
+    params = {"x": 0.3, "lr": 1e-3, "q": 0.75, "n": 4, "k": 8, "c": None}
+    values = [[0.5, 1.0], [math.inf, -math.inf], [-0.0, 1e300]]
+    for i, v in enumerate(values):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=v, params={**params, "x": i / 10}, distributions=dists,
+                                     user_attrs={"recipe": '{"a": [1, 2]}', "scores": {"m": i}, "none": None},
+                                     system_attrs={"retry_history": [i], "nested": {"a": [1.5, "b"]}}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params=params, distributions=dists,
+                                 intermediate_values={0: 1.0, 1: math.nan, 2: math.inf, 5: -math.inf}))
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"c": 3}, distributions={"c": dists["c"]},
+                                 user_attrs={"error": "RuntimeError: boom"}))
+    running = study.ask()
+    running.suggest_float("x", 0, 1)
+    running.set_user_attr("where", "running")
+    study.enqueue_trial({"x": 0.9}, user_attrs={"queued": True})
+    return study._study_id
+
+
+def _same(a: list, b: list) -> None:
+    def comparable(trial):  # FrozenTrial equality compares all fields; NaN never equals itself
+        fields = dict(vars(trial))
+        fields["intermediate_values"] = {k: "nan" if math.isnan(v) else v for k, v in trial.intermediate_values.items()}
+        return fields
+
+    assert [comparable(t) for t in a] == [comparable(t) for t in b]
+
+
+@pytest.mark.parametrize("query", [
+    (None, set(), -1),
+    ((TrialState.COMPLETE,), set(), -1),
+    ((TrialState.WAITING, TrialState.RUNNING), set(), -1),
+    (None, {2, 5}, 3),  # what Optuna's cache asks: new trials and its unfinished ones
+    (None, {9}, 2),
+], ids=["all", "complete", "unfinished", "incremental", "newer-only"])
+def test_bulk_reads_equal_optunas_own(tmp_path, query):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study_id = _varied_study(url)
+    ours, optunas = BulkRDBStorage(url), RDBStorage(url)
+    ids = [t._trial_id for t in optunas.get_all_trials(study_id)]
+    states, included, greater = query
+    included = {ids[i] for i in included if i < len(ids)}
+    greater = ids[greater] if greater >= 0 else -1
+    expected = optunas._get_trials(study_id, states, set(included), greater)
+    assert expected  # the query is not vacuous
+    _same(ours._get_trials(study_id, states, set(included), greater), expected)
+
+
+def test_an_unknown_study_raises_keyerror_like_optunas(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    _varied_study(url)
+    with pytest.raises(KeyError):
+        BulkRDBStorage(url)._get_trials(999, None, set(), -1)
+
+
+def test_resumed_study_asks_without_reading_finished_trials(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(storage=url, study_name="s")
+    for i in range(50):
+        study.add_trial(create_trial(value=i, params={"x": i / 50}, distributions={"x": FloatDistribution(0, 1)}))
+    study.enqueue_trial({"x": 0.5})
+
+    storage = open_rdb(url)
+    resumed = optuna.load_study(study_name="s", storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = resumed.ask()  # pops the queued trial
+    assert trial.suggest_float("x", 0, 1) == 0.5
+    cached = storage._studies[resumed._study_id].trials
+    assert set(cached) == {trial.number}  # Optuna's own cache would hold all 51 here
+    assert [t.number for t in resumed.get_trials(states=(TrialState.RUNNING,))] == [50]
+    _same(resumed.get_trials(), optuna.load_study(study_name="s", storage=url).get_trials())  # and the full read agrees
