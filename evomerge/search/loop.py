@@ -12,25 +12,25 @@ import math
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
 from evomerge import faults
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.evaluate import build_evaluator
 from evomerge.fitness import Evaluator, candidate_costs
-from evomerge.merge.materialize import Materializer
-from evomerge.models import resolve_path
+from evomerge.refs import local_dir, resolve_path
 from evomerge.search.cma_sampler import CANDIDATE_FAILURE, FAILURE_ATTR, GenerationBusy, PyCmaSampler
 from evomerge.search.genome import Genome
 from evomerge.search.samplers import make_sampler
-from evomerge.search.study import (Heartbeat, claim, count_trials, exclusive, fail_and_retry, mark_sampled,
-                                   open_storage, open_study, recover_dead_trials, refuse_second_sqlite_worker,
-                                   trials_in_state)
+from evomerge.search.study import (N_LAYERS, Heartbeat, claim, count_trials, exclusive, fail_and_retry, find_study,
+                                   mark_sampled, open_storage, open_study, recover_dead_trials, refuse_second_sqlite_worker,
+                                   sqlite_file_missing, trials_in_state)
+
+if TYPE_CHECKING:
+    from evomerge.merge.materialize import Materializer
 
 MAX_CONSECUTIVE_FAILURES = 20
 BUSY_WAIT_S = 0.5  # polling the study while other workers hold the rest of a generation or budget
@@ -44,20 +44,64 @@ class Scored:
 
 
 class Search:
-    """Everything loaded once for a run: sources, candidate, evaluator, study."""
+    """Everything loaded once for a run: sources, candidate, evaluator, study.
+
+    A new study is created only once the evaluator and the models have loaded, so a bad task,
+    metric or model is reported before anything is written. A study that exists has passed
+    those checks already (its fingerprint is this config's): it is resumed up to its next
+    proposal first, from the study alone, and the models load after that (seconds for the
+    study, minutes for a 7B model's weights); if they then fail to load, the proposed trial
+    is given back for the next run to retry."""
 
     def __init__(self, config: RunConfig, *, allow_pickle: bool = False, trust_remote_code: bool = False):
         self.config = config
-        refs = ([config.base_model] if config.base_model else []) + config.models
-        # the evaluator first: a bad task or metric is reported before any model is loaded
-        self.evaluator: Evaluator = build_evaluator(config.fitness, resolve_path(refs[0], allow_pickle=allow_pickle))
-        self.materializer = Materializer(refs, dtype=config.dtype, device=config.device, allow_pickle=allow_pickle,
-                                         trust_remote_code=trust_remote_code)
-        self.genome = Genome(config.search_space, config.models, config.base_model, self.materializer.n_layers)
-        self.storage = open_storage(config.storage, config.heartbeat)
-        self.study = open_study(config, self.storage, create=True)
+        self._load_options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+        self._evaluator: Evaluator | None = None
+        self._materializer: Materializer | None = None
+        self.load_seconds: float | None = None  # how long the evaluator and models took to load, once they have
+        for ref in self._refs():
+            local_dir(ref)  # a missing model is reported as such, before the study is read
+        new_file = sqlite_file_missing(config.storage)  # no study in it, and opening it would create the file
+        self.storage = None if new_file else open_storage(config.storage, config.heartbeat)
+        existing = find_study(config, self.storage) if self.storage else None
+        n_layers = existing.user_attrs.get(N_LAYERS) if existing else None
+        if n_layers is None:
+            n_layers = self.materializer.n_layers  # loads everything: checks it before a study is made
+        self.storage = self.storage or open_storage(config.storage, config.heartbeat)
+        self.genome = Genome(config.search_space, config.models, config.base_model, n_layers)
+        self.study = existing or open_study(config, self.storage, create=True, n_layers=n_layers)
         self.study.sampler = make_sampler(config, self.genome)
         self._sqlite_lock = refuse_second_sqlite_worker(self.study, config.storage)  # held while this object lives
+
+    def _refs(self) -> list[str]:
+        return ([self.config.base_model] if self.config.base_model else []) + self.config.models
+
+    @property
+    def evaluator(self) -> Evaluator:
+        self._load()
+        return self._evaluator
+
+    @property
+    def materializer(self) -> "Materializer":
+        self._load()
+        return self._materializer
+
+    def _load(self) -> None:
+        """The evaluator first (a bad task or metric is reported before any model loads), then the models."""
+        if self._materializer is not None:
+            return
+        from evomerge.evaluate import build_evaluator  # torch, transformers, lm-eval: after a resume's first proposal
+        from evomerge.merge.materialize import Materializer
+
+        start, config, refs = time.perf_counter(), self.config, self._refs()
+        self._evaluator = build_evaluator(config.fitness, resolve_path(refs[0], allow_pickle=self._load_options["allow_pickle"]))
+        materializer = Materializer(refs, dtype=config.dtype, device=config.device, **self._load_options)
+        genome = getattr(self, "genome", None)
+        if genome is not None and genome.n_layers != materializer.n_layers:
+            raise EvomergeError(f"the models now have {materializer.n_layers} layers, but study {config.study_name!r} "
+                                f"was made with {genome.n_layers}; restore the models or use a new --study-name")
+        self._materializer = materializer
+        self.load_seconds = time.perf_counter() - start
 
     def counts(self) -> dict[TrialState, int]:
         return count_trials(self.study)
@@ -70,6 +114,8 @@ class Search:
         recipe = self.genome.decode(params)
         model = self.materializer.apply(recipe)
         if model.device.type == "cuda":
+            import torch  # loaded with the models
+
             torch.cuda.synchronize()
         faults.at("materialize")
         merged = time.perf_counter()
@@ -130,6 +176,11 @@ class Search:
             faults.at("sample")
             mark_sampled(self.study, trial._trial_id)
             try:
+                self._load()  # a resumed search loads its models here, after its first proposal
+            except BaseException as exc:  # not the candidate's fault: the next run retries it
+                fail_and_retry(self.study, trial._trial_id, f"its worker stopped before evaluating it: {exc}")
+                raise
+            try:
                 scored = self._scored_before(trial) or self.score(trial.params)
             except KeyboardInterrupt:
                 self._interrupted(trial)
@@ -162,6 +213,8 @@ class Search:
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         traceback.clear_frames(exc.__traceback__)  # the frames' locals (activations of an OOM) go now, not later
         gc.collect()
+        import torch  # loaded with the models
+
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         trial.set_user_attr(FAILURE_ATTR, CANDIDATE_FAILURE)

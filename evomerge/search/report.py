@@ -109,11 +109,15 @@ def run_with_progress(search: "Search", quiet: bool = False) -> None:
     config = search.config
     done = search.counts()[TrialState.COMPLETE]
     print(f"study {config.study_name!r} in {redact(config.storage)}: {done}/{config.n_trials} trials done, "
-          f"sampler {config.sampler}, device {search.materializer.device}")
+          f"sampler {config.sampler}")
     best: list[float | None] = [None]
+    announced = [False]
     with tqdm(total=config.n_trials, initial=min(done, config.n_trials), unit="trial", dynamic_ncols=True,
               disable=quiet) as bar:
         def on_trial(n_done: int, record: dict[str, Any]) -> None:
+            if not announced[0] and search.load_seconds is not None:  # a resumed search loads them after its first proposal
+                bar.write(f"models loaded on {search.materializer.device} in {search.load_seconds:.1f} s")
+                announced[0] = True
             bar.n = min(n_done, config.n_trials)
             if record.get("value") is not None and (best[0] is None or record["value"] > best[0]):
                 best[0] = record["value"]

@@ -55,8 +55,9 @@ class Inputs:
         return str(path)
 
     def with_model(self, *args: str, **model_kwargs) -> list[str]:
+        """A new study (the prepared one refuses other models) with one source replaced by a broken copy."""
         models = self.config["models"]
-        return self.run(*args, models=[models[0], self.model("odd", **model_kwargs), *models[2:]])
+        return self.run("--study-name", "new", *args, models=[models[0], self.model("odd", **model_kwargs), *models[2:]])
 
     def postgres(self, password: str) -> str:
         return self.request.getfixturevalue("pg_cluster").url(password=password)
