@@ -42,3 +42,29 @@ def test_hypervolume_by_hand():
     assert [n for n, _ in history] == [1, 2, 3, 4, 5, 6]
     assert all(h1 <= h2 + 1e-12 for (_, h1), (_, h2) in zip(history, history[1:]))
     assert history[-1][1] == pytest.approx(expected)
+
+
+def test_non_dominated_equals_the_pairwise_definition():
+    """Against every pair compared, on fronts with ties, duplicates and equal coordinates."""
+    import numpy as np
+
+    from evomerge.search.archive import non_dominated
+
+    rng = np.random.default_rng(0)
+    for n, d in ((1, 2), (40, 2), (200, 3), (300, 4)):
+        losses = rng.integers(0, 6, size=(n, d)).astype(float)  # few values: many ties and duplicates
+        expected = [not any((losses[j] <= losses[i]).all() and (losses[j] < losses[i]).any() for j in range(n))
+                    for i in range(n)]
+        assert non_dominated(losses).tolist() == expected
+
+
+def test_hypervolume_history_equals_recomputing_every_prefix():
+    import numpy as np
+
+    from evomerge.search.archive import _hypervolume, to_losses
+
+    points = [tuple(p) for p in np.random.default_rng(1).integers(0, 8, size=(60, 2)) / 8]
+    history = hypervolume_history(study_with(points, failed=0), ["a", "b"], ["maximize", "maximize"])
+    losses = to_losses(np.array(points), ["maximize", "maximize"])
+    ref = losses.max(axis=0)
+    assert [h for _, h in history] == pytest.approx([_hypervolume(losses[:i], ref) for i in range(1, 61)])

@@ -32,3 +32,16 @@ def test_four_workers_share_one_study(tmp_path, zoo, pg_url, sampler):
     evaluated = [tuple(sorted(t.params.items())) for t in trials if "copy_of" not in t.user_attrs
                  and (t.state == TrialState.COMPLETE or t.user_attrs.get("failure") == "candidate")]
     assert len(evaluated) == len(set(evaluated)), "a parameter set was evaluated twice"
+
+
+def test_bulk_reads_equal_optunas_own_on_postgresql(pg_url):
+    """The storage's own trial reads (evomerge/search/bulk_storage.py) against Optuna's, on PostgreSQL's types."""
+    from optuna.storages import RDBStorage
+    from test_bulk_storage import _same, _varied_study
+
+    from evomerge.search.bulk_storage import BulkRDBStorage
+
+    study_id = _varied_study(pg_url)
+    ours, optunas = BulkRDBStorage(pg_url), RDBStorage(pg_url)
+    for states in (None, (TrialState.COMPLETE,), (TrialState.WAITING, TrialState.RUNNING)):
+        _same(ours._get_trials(study_id, states, set(), -1), optunas._get_trials(study_id, states, set(), -1))
