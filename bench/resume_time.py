@@ -73,6 +73,13 @@ def populate(config_path: Path, n: int) -> None:
     dists = {k: FloatDistribution(d.low, d.high) for k, d in genome.distributions.items()}
     study.add_trials([create_trial(state=TrialState.COMPLETE, values=t.values, params=t.params, distributions=dists,
                                    user_attrs=t.user_attrs, system_attrs=t.system_attrs) for t in memory.trials])
+    # NSGA-II caches each generation's parents in the study's system attrs as trial ids (without
+    # them a resumed sampler recomputes every generation, recursively): carry them over, renumbered.
+    number_of = {t._trial_id: t.number for t in memory.trials}
+    id_of = {t.number: t._trial_id for t in study.get_trials(deepcopy=False)}
+    for key, value in memory.system_attrs.items():
+        if key.startswith("NSGAIISampler:parent:"):
+            study._storage.set_study_system_attr(study._study_id, key, [id_of[number_of[i]] for i in value])
 
 
 def trial_count(db: Path) -> int:
@@ -88,18 +95,20 @@ def proposed(db: Path, n: int) -> bool:
 
 
 def time_resume(config_path: Path, db: Path, n: int) -> float:
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "run", str(config_path), "--quiet"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        while not proposed(db, n):
-            if proc.poll() is not None:
-                raise RuntimeError(f"evomerge run exited early: {proc.stderr.read()}")
-            time.sleep(0.01)
-        return time.perf_counter() - start
-    finally:
-        proc.kill()
-        proc.wait()
+    log = db.with_suffix(".stderr")
+    with log.open("w") as stderr:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "run", str(config_path), "--quiet"],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            while not proposed(db, n):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"evomerge run exited early: {log.read_text()[-2000:]}")
+                time.sleep(0.01)
+            return time.perf_counter() - start
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def reset(db: Path, n: int) -> None:
