@@ -178,7 +178,8 @@ class Search:
             try:
                 self._load()  # a resumed search loads its models here, after its first proposal
             except BaseException as exc:  # not the candidate's fault: the next run retries it
-                fail_and_retry(self.study, trial._trial_id, f"its worker stopped before evaluating it: {exc}")
+                fail_and_retry(self.study, trial._trial_id,
+                               f"its worker stopped before evaluating it: {exc or type(exc).__name__}")
                 raise
             try:
                 scored = self._scored_before(trial) or self.score(trial.params)

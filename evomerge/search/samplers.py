@@ -24,6 +24,7 @@ from evomerge.search.cma_sampler import PyCmaSampler
 from evomerge.search.genome import Genome
 from evomerge.search.study import RETRY_HISTORY, count_fresh_before, slot_lock
 
+
 def trial_seed(seed: int, place: int) -> int:
     digest = hashlib.sha256(f"{seed}:{place}".encode()).digest()
     return int.from_bytes(digest[:4], "little")

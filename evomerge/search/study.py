@@ -142,8 +142,7 @@ def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> BaseSto
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
         with _advisory_lock(engine, "schema"):
             return open_rdb(url, engine_kwargs=engine_kwargs, heartbeat_interval=int(max(1, heartbeat["interval"])),
-                              grace_period=int(max(2, heartbeat["grace"])),
-                              heartbeat_stale_trial_callback=retry_dead_trial)
+                            grace_period=int(max(2, heartbeat["grace"])), heartbeat_stale_trial_callback=retry_dead_trial)
     except Exception as exc:  # SQLAlchemy: unreachable host, wrong password, missing driver, bad URL
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvomergeError(f"cannot open storage {redact(url)}: {redact(first)}") from None
@@ -321,7 +320,7 @@ class Heartbeat:
     """Records the trial's heartbeat from a thread while the trial runs (an ask/tell loop must do
     this itself; only study.optimize does it for you)."""
 
-    def __init__(self, storage: RDBStorage, trial_id: int):
+    def __init__(self, storage: BaseStorage, trial_id: int):
         self.storage, self.trial_id = storage, trial_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
