@@ -21,6 +21,7 @@ import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.config import RunConfig, load_config
+from evomerge.errors import EvomergeError
 from evomerge.evaluate import build_evaluator
 from evomerge.export import save_checkpoint
 from evomerge.fitness import Evaluator
@@ -90,6 +91,10 @@ def run_phase(config: RunConfig, title: str, quiet: bool) -> Phase:
 def main(n_trials: int | None = None, out: str | None = None, quiet: bool = False) -> None:
     """Run the demo; `out` (default runs/demo) holds its study, plot and exported model."""
     started = time.perf_counter()
+    if not (REPO / DEMO_CONFIG).is_file():
+        raise EvomergeError(f"the demo runs from the project's checkout ({DEMO_CONFIG}, evaluators/ and search_spaces/ "
+                            f"are not inside the package, and {REPO} has none): clone the repository and run "
+                            "`pip install -e .` there")
     out_dir = Path(out).resolve() if out else REPO / "runs" / "demo"
     os.chdir(REPO)  # the demo's config and zoo paths are relative to the checkout
     config = load_config(DEMO_CONFIG, n_trials=n_trials, storage=f"sqlite:///{out_dir / 'study.db'}")

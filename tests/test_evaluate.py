@@ -198,3 +198,13 @@ def test_builtin_task_without_its_data_offline():
     """gsm8k-style built-in tasks need the hub: offline, one clear error and no model loaded."""
     with pytest.raises(EvomergeError, match="mgsm_native_cot_ja.*could not be loaded.*offline"):
         build_evaluator(FitnessSpec.load("evaluators/mgsm_ja.yaml"), ZOO / "base")
+
+
+def test_demo_outside_a_checkout_says_what_it_needs(tmp_path, monkeypatch):
+    """Installed from a wheel, the package has no runs/, evaluators/ or search_spaces/ beside it."""
+    from evomerge import demo
+
+    monkeypatch.setattr(demo, "REPO", tmp_path)
+    with pytest.raises(EvomergeError, match="clone the repository and run `pip install -e .` there"):
+        demo.main(n_trials=1, out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
