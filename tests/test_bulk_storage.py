@@ -87,3 +87,28 @@ def test_resumed_study_asks_without_reading_finished_trials(tmp_path):
     assert set(cached) == {trial.number}  # Optuna's own cache would hold all 51 here
     assert [t.number for t in resumed.get_trials(states=(TrialState.RUNNING,))] == [50]
     _same(resumed.get_trials(), optuna.load_study(study_name="s", storage=url).get_trials())  # and the full read agrees
+
+
+def test_a_trial_changing_state_during_the_read_keeps_its_params_and_attrs(tmp_path):
+    """Another worker pops a WAITING trial between the read of the trials and of their attributes."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    db = tmp_path / "s.db"
+    url = f"sqlite:///{db}"
+    study = optuna.create_study(storage=url)
+    study.enqueue_trial({"x": 0.5}, user_attrs={"u": 1})
+    with sqlite3.connect(db) as conn:  # readers do not block the other worker's write
+        conn.execute("pragma journal_mode=wal")
+    ours, other = BulkRDBStorage(url), RDBStorage(url)
+    waiting = other.get_all_trials(study._study_id)[0]
+
+    @event.listens_for(ours.engine, "after_cursor_execute")
+    def pop_it(conn, cursor, statement, *args):
+        if statement.startswith("SELECT trials.trial_id, trials.number") and other.get_trial(waiting._trial_id).state.name == "WAITING":
+            other.set_trial_state_values(waiting._trial_id, TrialState.RUNNING)
+
+    [read] = ours._get_trials(study._study_id, (TrialState.WAITING,), set(), -1)
+    assert read.state == TrialState.WAITING and read.user_attrs == {"u": 1} and "fixed_params" in read.system_attrs
+    assert other.get_trial(waiting._trial_id).state == TrialState.RUNNING  # the pop did happen mid-read

@@ -32,10 +32,10 @@ def register_kernel(name: str, fn: MergeFn) -> None:
 
 
 def kernel(name: str) -> MergeFn:
-    if not KERNELS:
+    get_method(name)  # the unknown-method message
+    if name not in KERNELS:  # importing an operator module registers its kernels
         for module in OPERATOR_MODULES:
             importlib.import_module(f"evomerge.merge.{module}")
-    get_method(name)  # the unknown-method message
     return KERNELS[name]
 
 

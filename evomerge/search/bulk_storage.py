@@ -72,36 +72,44 @@ class BulkRDBStorage(RDBStorage):
     def _get_trials(self, study_id: int, states: Container[TrialState] | None, included_trial_ids: set[int],
                     trial_id_greater_than: int) -> list[FrozenTrial]:
         trials = models.TrialModel.__table__
-        where = trials.c.study_id == study_id
-        if states is not None:
-            assert isinstance(states, Iterable)
-            where = where & trials.c.state.in_(list(states))
+        by_id = trials.c.study_id == study_id  # which trials, by id: unlike their state, this never changes
         if trial_id_greater_than > -1:  # Optuna's cache asks for new trials and for its unfinished ones
             newer = trials.c.trial_id > trial_id_greater_than
             included = sorted(i for i in included_trial_ids if i <= trial_id_greater_than)
-            where = where & (sqlalchemy.or_(newer, trials.c.trial_id.in_(included)) if included else newer)
-        chosen = sqlalchemy.select(trials.c.trial_id).where(where).scalar_subquery()
+            by_id = by_id & (sqlalchemy.or_(newer, trials.c.trial_id.in_(included)) if included else newer)
+        where = by_id
+        if states is not None:
+            assert isinstance(states, Iterable)
+            where = by_id & trials.c.state.in_(list(states))
+
+        def selecting(table: Any, rows: list[Any]) -> list[Any]:
+            """Filters for the child rows of exactly the trials read (a trial may change state meanwhile):
+            by the same ids for a whole read, else by the few ids read, in chunks."""
+            if states is None:
+                return [table.c.trial_id.in_(sqlalchemy.select(trials.c.trial_id).where(by_id).scalar_subquery())]
+            ids = [row.trial_id for row in rows]
+            return [table.c.trial_id.in_(ids[i:i + 500]) for i in range(0, len(ids), 500)]
 
         def children(model: Any, order: str, *columns: str) -> dict[int, list[tuple]]:
             """(columns...) per trial, ordered as Optuna orders them."""
             table = model.__table__
-            query = (sqlalchemy.select(table.c.trial_id, *(table.c[c] for c in columns))
-                     .where(table.c.trial_id.in_(chosen)).order_by(table.c[order]))
             grouped: dict[int, list[tuple]] = defaultdict(list)
-            for row in connection.execute(query).all():
-                grouped[row[0]].append(row)  # (trial_id, *columns)
+            for chosen in selecting(table, rows):
+                query = sqlalchemy.select(table.c.trial_id, *(table.c[c] for c in columns)).where(chosen)
+                for row in connection.execute(query.order_by(table.c[order])).all():
+                    grouped[row[0]].append(row)  # (trial_id, *columns)
             return grouped
 
         def attrs(model: Any) -> dict[int, dict[str, Any]]:
             """key -> value per trial; the JSON of all of them parsed in one call, not one per row."""
             table = model.__table__
-            query = (sqlalchemy.select(table.c.trial_id, table.c.key, table.c.value_json)
-                     .where(table.c.trial_id.in_(chosen)).order_by(table.primary_key.columns.values()[0]))
-            rows = connection.execute(query).all()
-            values = json.loads("[" + ",".join(row[2] for row in rows) + "]")
             grouped: dict[int, dict[str, Any]] = defaultdict(dict)
-            for (trial_id, key, _), value in zip(rows, values):
-                grouped[trial_id][key] = value
+            for chosen in selecting(table, rows):
+                query = sqlalchemy.select(table.c.trial_id, table.c.key, table.c.value_json).where(chosen)
+                found = connection.execute(query.order_by(table.primary_key.columns.values()[0])).all()
+                values = json.loads("[" + ",".join(row[2] for row in found) + "]")
+                for (trial_id, key, _), value in zip(found, values):
+                    grouped[trial_id][key] = value
             return grouped
 
         with self.engine.connect() as connection, _gc_paused():

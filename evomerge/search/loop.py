@@ -178,8 +178,8 @@ class Search:
             try:
                 self._load()  # a resumed search loads its models here, after its first proposal
             except BaseException as exc:  # not the candidate's fault: the next run retries it
-                fail_and_retry(self.study, trial._trial_id,
-                               f"its worker stopped before evaluating it: {exc or type(exc).__name__}")
+                fail_and_retry(self.study, trial._trial_id, f"its worker stopped before evaluating it: "
+                               f"{exc or type(exc).__name__}", given_back=True)
                 raise
             try:
                 scored = self._scored_before(trial) or self.score(trial.params)
@@ -230,4 +230,4 @@ class Search:
 
     def _interrupted(self, trial: optuna.Trial) -> None:
         """Ctrl-C: the trial is not the candidate's fault; fail it so that it is retried first on resume."""
-        fail_and_retry(self.study, trial._trial_id, "interrupted")
+        fail_and_retry(self.study, trial._trial_id, "interrupted", given_back=True)

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
 from evomerge.config import RunConfig
@@ -45,28 +45,37 @@ N_LAYERS = "evomerge:n_layers"  # of the models: with it, a resumed search propo
 WORKER = "evomerge:worker"
 SAMPLED = "evomerge:sampled"
 RETRY_HISTORY = "retry_history"  # Optuna's retry callback: numbers of the earlier attempts, the original first
+GIVEN_BACK = "evomerge:given_back"  # how many of those attempts never ran (see retry_dead_trial)
 HOST = socket.gethostname()
 # Heartbeats in an ask/tell loop are what Optuna's docs prescribe for it; its warnings say otherwise.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning,
-                        message=".*(RetryHeartbeatStaleTrialCallback|heartbeat_interval|fail_stale_trials)")
-_retry_once = RetryHeartbeatStaleTrialCallback(max_retry=1)
+                        message=".*(heartbeat_interval|fail_stale_trials)")
+MAX_RETRIES = 1  # a candidate whose worker died twice is given up: it may be what kills workers
 
 
-def retry_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Enqueue the one retry of a trial whose worker died (also Optuna's heartbeat callback).
+def retry_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, given_back: bool = False) -> None:
+    """Enqueue the retry of a trial whose worker died (also Optuna's heartbeat callback), or that
+    was `given_back` unevaluated (its models did not load, or Ctrl-C); only deaths count against
+    MAX_RETRIES. As with Optuna's own retry callback, the retry records the earlier attempts
+    (retry_history, the first attempt first: the retry takes its place in the search).
 
     The retry carries the trial's params only once all were sampled: a worker killed between
     two suggests leaves some, and fixing those would make the sampler draw the rest from
     another point of its stream. It never carries the dead worker's claim, which would get the
     retry failed as dead again before its new worker claims it, nor the dead attempt's records
     (its error, results stored before the kill)."""
-    retry = copy.deepcopy(trial)
-    retry.system_attrs.pop(WORKER, None)
-    retry.user_attrs = {}
-    if not trial.system_attrs.get(SAMPLED):
-        retry.params, retry.distributions = {}, {}
-    _retry_once(study, retry)
+    history = [*trial.system_attrs.get(RETRY_HISTORY, []), trial.number]
+    given = trial.system_attrs.get(GIVEN_BACK, 0) + int(given_back)
+    if len(history) - given > MAX_RETRIES:
+        return
+    system_attrs = {**trial.system_attrs, "failed_trial": trial.number, RETRY_HISTORY: history}
+    system_attrs.pop(WORKER, None)
+    if given:
+        system_attrs[GIVEN_BACK] = given
+    sampled = bool(trial.system_attrs.get(SAMPLED))
+    study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=trial.params if sampled else {},
+                                        distributions=trial.distributions if sampled else {}, system_attrs=system_attrs))
 
 
 def redact(url: str) -> str:
@@ -150,7 +159,10 @@ def open_storage(url: str, heartbeat: dict[str, float] | None = None) -> BaseSto
 
 def sqlite_file_missing(url: str) -> bool:
     """A SQLite URL whose file does not exist yet (it holds no study; opening it would create it)."""
-    return url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists()
+    if not url.startswith("sqlite:///"):
+        return False
+    database = sqlalchemy.make_url(url).database
+    return bool(database) and database != ":memory:" and not Path(database).exists()
 
 
 def study_directions(config: RunConfig) -> list[str]:
@@ -263,17 +275,17 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     return [t.number for t in dead if fail_and_retry(study, t._trial_id, "its worker process died")]
 
 
-def fail_and_retry(study: optuna.Study, trial_id: int, reason: str) -> bool:
-    """Fail a trial that is not the candidate's fault (its worker died or was interrupted) and
-    enqueue its retry; False if another worker did it first. The reason goes first: a finished
-    trial takes no more attrs."""
+def fail_and_retry(study: optuna.Study, trial_id: int, reason: str, *, given_back: bool = False) -> bool:
+    """Fail a trial that is not the candidate's fault (its worker died, or gave it back
+    unevaluated) and enqueue its retry; False if another worker did it first. The reason goes
+    first: a finished trial takes no more attrs."""
     storage = study._storage
     try:
         storage.set_trial_user_attr(trial_id, "error", reason)
         storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     except UpdateFinishedTrialError:
         return False
-    retry_dead_trial(study, storage.get_trial(trial_id))
+    retry_dead_trial(study, storage.get_trial(trial_id), given_back)
     return True
 
 

@@ -21,7 +21,7 @@ UNSAFE = {  # pattern -> why it is not allowed in evomerge/
     r"trust_remote_code=True": "remote code only when the user passes --trust-remote-code",
     r"samplers\.CmaEsSampler|import .*\bCmaEsSampler": "Optuna's CmaEsSampler keeps its optimizer pickled in the study",
 }
-OUR_SYSTEM_ATTRS = re.compile(r"^(pycma:(generation|slot)|evomerge:(worker|sampled)|NSGAIISampler:generation|"
+OUR_SYSTEM_ATTRS = re.compile(r"^(pycma:(generation|slot)|evomerge:(worker|sampled|given_back)|NSGAIISampler:generation|"
                               r"fixed_params|failed_trial|retry_history)$")
 
 
