@@ -12,10 +12,12 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
 from evomerge.cli import main
+from evomerge.config import load_config
 from reliability.harness import completed_sequence, run_cli, trials_of, wait_for_running_trial_after, write_config
 
 
@@ -141,3 +143,13 @@ def test_models_failing_to_load_after_the_proposal_give_the_trial_back(tmp_path,
     (tmp_path / "aside.safetensors").rename(weights)
     assert main(["run", str(path), "--quiet", "--n-trials", "4"]) == 0
     assert completed_sequence(path) == completed_sequence(straight)
+
+
+def test_a_study_without_its_models_depth_gets_it_on_resume(tmp_path, zoo):
+    """Studies made before n_layers was recorded load their models first once, then resume fast."""
+    path = write_config(tmp_path, zoo, n_trials=1)
+    assert main(["run", str(path), "--quiet"]) == 0
+    config = load_config(path)
+    optuna.load_study(study_name=config.study_name, storage=config.storage).set_user_attr("evomerge:n_layers", None)
+    assert main(["run", str(path), "--quiet", "--n-trials", "2"]) == 0
+    assert optuna.load_study(study_name=config.study_name, storage=config.storage).user_attrs["evomerge:n_layers"] == 4

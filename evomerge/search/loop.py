@@ -70,6 +70,8 @@ class Search:
         self.storage = self.storage or open_storage(config.storage, config.heartbeat)
         self.genome = Genome(config.search_space, config.models, config.base_model, n_layers)
         self.study = existing or open_study(config, self.storage, create=True, n_layers=n_layers)
+        if existing and existing.user_attrs.get(N_LAYERS) is None:  # made before studies recorded it: now they do
+            existing.set_user_attr(N_LAYERS, n_layers)
         self.study.sampler = make_sampler(config, self.genome)
         self._sqlite_lock = refuse_second_sqlite_worker(self.study, config.storage)  # held while this object lives
 
