@@ -27,7 +27,7 @@ from evomerge.search.genome import Genome
 from evomerge.search.samplers import make_sampler
 from evomerge.search.study import (N_LAYERS, Heartbeat, claim, count_trials, exclusive, fail_and_retry, find_study,
                                    mark_sampled, open_storage, open_study, recover_dead_trials, refuse_second_sqlite_worker,
-                                   sqlite_file_missing, trials_in_state)
+                                   sqlite_file_missing)
 
 if TYPE_CHECKING:
     from evomerge.merge.materialize import Materializer
@@ -109,7 +109,7 @@ class Search:
         return count_trials(self.study)
 
     def _waiting(self) -> bool:
-        return bool(trials_in_state(self.study, TrialState.WAITING))
+        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))  # SQL: see bulk_storage
 
     def score(self, params: dict[str, float]) -> Scored:
         start = time.perf_counter()

@@ -15,7 +15,6 @@ SQLite study takes one worker; a lock file refuses a second one.
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import hashlib
 import os
@@ -222,12 +221,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def trials_in_state(study: optuna.Study, *states: TrialState) -> list[optuna.trial.FrozenTrial]:
-    """Filtered in SQL: Optuna's cached storage would first read every trial of the study
-    (seconds for a 10,000-trial study) even to list the few RUNNING ones."""
-    return _backend(study._storage).get_all_trials(study._study_id, deepcopy=False, states=states)
-
-
 def count_trials(study: optuna.Study) -> dict[TrialState, int]:
     """One COUNT query (Optuna's get_n_trials loads every trial to count them)."""
     backend = _backend(study._storage)
@@ -271,7 +264,8 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     backend = _backend(study._storage)
     single_worker = isinstance(backend, RDBStorage) and backend.engine.dialect.name == "sqlite"
     grace = float(backend.get_heartbeat_interval() or 10) * 3 if isinstance(backend, RDBStorage) else 30.0
-    dead = [t for t in trials_in_state(study, TrialState.RUNNING) if _is_dead(t, single_worker, grace)]
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))  # in SQL (bulk_storage.TrialCache)
+    dead = [t for t in running if _is_dead(t, single_worker, grace)]
     return [t.number for t in dead if fail_and_retry(study, t._trial_id, "its worker process died")]
 
 
@@ -309,7 +303,7 @@ def refuse_second_sqlite_worker(study: optuna.Study, url: str) -> IO[str] | None
             lock.close()
             raise EvomergeError(f"another worker is running this SQLite study ({path} is locked); {_ONE_WORKER}") from None
     recover_dead_trials(study)
-    running = trials_in_state(study, TrialState.RUNNING)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if running:
         worker = running[0].system_attrs.get(WORKER) or {}
         raise EvomergeError(f"another worker (pid {worker.get('pid', '?')} on {worker.get('host', '?')}) is running trial "
