@@ -7,10 +7,12 @@ exceeds 1 the outlier cut shrinks so the density is still met."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from evomerge.merge.rng import TensorRNG
-from evomerge.merge.task_arithmetic import gta_method
+from evomerge.merge.task_arithmetic import generalized_task_arithmetic
 
 
 def outlier_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
@@ -26,5 +28,5 @@ def outlier_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG |
     return mask.view_as(delta)
 
 
-for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
-    gta_method(_name, sparsifier=outlier_mask, consensus=_consensus)
+breadcrumbs = functools.partial(generalized_task_arithmetic, sparsifier=outlier_mask, consensus=False)
+breadcrumbs_ties = functools.partial(generalized_task_arithmetic, sparsifier=outlier_mask, consensus=True)

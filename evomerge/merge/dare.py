@@ -6,11 +6,13 @@ inverse_density` gives the paper's 1/density."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.rng import TensorRNG
-from evomerge.merge.task_arithmetic import gta_method
+from evomerge.merge.task_arithmetic import generalized_task_arithmetic
 
 
 def random_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
@@ -22,5 +24,5 @@ def random_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | 
     return rng.keep_mask(max(density, 0.0), delta.shape, delta.device)
 
 
-for _name, _consensus in (("dare_ties", True), ("dare_linear", False)):
-    gta_method(_name, sparsifier=random_mask, consensus=_consensus)
+dare_ties = functools.partial(generalized_task_arithmetic, sparsifier=random_mask, consensus=True)
+dare_linear = functools.partial(generalized_task_arithmetic, sparsifier=random_mask, consensus=False)

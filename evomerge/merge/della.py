@@ -4,11 +4,13 @@ density + epsilon; kept entries are rescaled (mergekit: restore the L1 norm)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.rng import TensorRNG
-from evomerge.merge.task_arithmetic import gta_method
+from evomerge.merge.task_arithmetic import generalized_task_arithmetic
 
 
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -32,5 +34,5 @@ def magprune_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG 
     return rng.keep_mask(keep_probabilities(delta, density, epsilon), delta.shape, delta.device)
 
 
-for _name, _consensus in (("della", True), ("della_linear", False)):
-    gta_method(_name, sparsifier=magprune_mask, consensus=_consensus)
+della = functools.partial(generalized_task_arithmetic, sparsifier=magprune_mask, consensus=True)
+della_linear = functools.partial(generalized_task_arithmetic, sparsifier=magprune_mask, consensus=False)

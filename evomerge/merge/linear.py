@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.registry import chunk_elements, compute_dtype, register_kernel
+from evomerge.merge.registry import chunk_elements, compute_dtype
 
 
 def linear(base, sources, params, options, rng, out):
@@ -33,5 +33,3 @@ def linear(base, sources, params, options, rng, out):
         flat_out[start:stop] = acc_c
     return out
 
-
-register_kernel("linear", linear)

@@ -1,9 +1,10 @@
-"""What each merge method accepts: its name, parameters, defaults and source counts.
+"""Every merge method, one definition each: its name, parameters, defaults, source counts and
+the tensor function that computes it, named `module:function` in evomerge.merge.
 
-Plain data, no torch: reading a recipe or a search space, and so resuming a search up to
-its next proposal, needs only this. The tensor functions live in the operator modules and
-are looked up by name when a tensor is merged (`evomerge.merge.registry.merge_tensor`).
-Defaults follow mergekit 0.1.5.
+Plain data, no torch: reading a recipe or a search space needs only this. The kernel is
+imported by name when a tensor is first merged (`evomerge.merge.registry.merge_tensor`); a
+family of methods shares one module (task_arithmetic.py holds what TIES, DARE, breadcrumbs
+and DELLA have in common). Defaults follow mergekit 0.1.5.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from evomerge.errors import EvomergeError
 class MergeMethod:
     name: str
     reference: str
+    kernel: str  # "module:function" in evomerge.merge: fn(base, sources, params, options, rng, out)
     source_params: Mapping[str, float | None]  # per-source parameter -> default (None = required)
     options: Mapping[str, Any] = field(default_factory=dict)  # method-wide option -> default (None = required)
     needs_base: bool = True
@@ -26,7 +28,7 @@ class MergeMethod:
     random: bool = False
 
 
-def _task_arithmetic_family(name: str, reference: str, *, sparse: bool, normalize: bool, rescale: bool,
+def _task_arithmetic_family(name: str, reference: str, kernel: str, *, sparse: bool, normalize: bool, rescale: bool,
                             extra_params: dict[str, float] | None = None, random: bool = False) -> MergeMethod:
     """merged = base + lambda * combine(w_i * sparsify(source_i - base)); see task_arithmetic.py."""
     source_params: dict[str, float | None] = {"weight": None}
@@ -35,27 +37,30 @@ def _task_arithmetic_family(name: str, reference: str, *, sparse: bool, normaliz
         source_params["density"] = 1.0
         options.update(rescale=rescale, rescale_mode="l1")
     source_params.update(extra_params or {})
-    return MergeMethod(name, reference, source_params, options, random=random)
+    return MergeMethod(name, reference, kernel, source_params, options, random=random)
 
 
 _TIES, _DARE, _BREADCRUMBS, _DELLA = (f"https://arxiv.org/abs/{n}" for n in ("2306.01708", "2311.03099", "2312.06795",
                                                                              "2406.11617"))
 METHODS: dict[str, MergeMethod] = {m.name: m for m in (
-    MergeMethod("linear", "https://arxiv.org/abs/2203.05482", {"weight": None}, {"normalize": True}, needs_base=False),
-    MergeMethod("slerp", "https://en.wikipedia.org/wiki/Slerp", {}, {"t": None}, max_sources=1),
-    MergeMethod("model_stock", "https://arxiv.org/abs/2403.19522", {}, {"filter_wise": False}, min_sources=2),
-    _task_arithmetic_family("task_arithmetic", "https://arxiv.org/abs/2212.04089", sparse=False, normalize=False,
-                            rescale=False),
-    _task_arithmetic_family("ties", _TIES, sparse=True, normalize=True, rescale=False),
-    _task_arithmetic_family("dare_ties", _DARE, sparse=True, normalize=False, rescale=True, random=True),
-    _task_arithmetic_family("dare_linear", _DARE, sparse=True, normalize=False, rescale=True, random=True),
-    _task_arithmetic_family("breadcrumbs", _BREADCRUMBS, sparse=True, normalize=False, rescale=False,
-                            extra_params={"gamma": 0.01}),
-    _task_arithmetic_family("breadcrumbs_ties", _BREADCRUMBS, sparse=True, normalize=False, rescale=False,
-                            extra_params={"gamma": 0.01}),
-    _task_arithmetic_family("della", _DELLA, sparse=True, normalize=True, rescale=True, extra_params={"epsilon": 0.15},
+    MergeMethod("linear", "https://arxiv.org/abs/2203.05482", "linear:linear", {"weight": None}, {"normalize": True},
+                needs_base=False),
+    MergeMethod("slerp", "https://en.wikipedia.org/wiki/Slerp", "slerp:slerp", {}, {"t": None}, max_sources=1),
+    MergeMethod("model_stock", "https://arxiv.org/abs/2403.19522", "model_stock:model_stock", {}, {"filter_wise": False},
+                min_sources=2),
+    _task_arithmetic_family("task_arithmetic", "https://arxiv.org/abs/2212.04089", "task_arithmetic:task_arithmetic",
+                            sparse=False, normalize=False, rescale=False),
+    _task_arithmetic_family("ties", _TIES, "ties:ties", sparse=True, normalize=True, rescale=False),
+    _task_arithmetic_family("dare_ties", _DARE, "dare:dare_ties", sparse=True, normalize=False, rescale=True, random=True),
+    _task_arithmetic_family("dare_linear", _DARE, "dare:dare_linear", sparse=True, normalize=False, rescale=True,
                             random=True),
-    _task_arithmetic_family("della_linear", _DELLA, sparse=True, normalize=False, rescale=True,
+    _task_arithmetic_family("breadcrumbs", _BREADCRUMBS, "breadcrumbs:breadcrumbs", sparse=True, normalize=False,
+                            rescale=False, extra_params={"gamma": 0.01}),
+    _task_arithmetic_family("breadcrumbs_ties", _BREADCRUMBS, "breadcrumbs:breadcrumbs_ties", sparse=True,
+                            normalize=False, rescale=False, extra_params={"gamma": 0.01}),
+    _task_arithmetic_family("della", _DELLA, "della:della", sparse=True, normalize=True, rescale=True,
+                            extra_params={"epsilon": 0.15}, random=True),
+    _task_arithmetic_family("della_linear", _DELLA, "della:della_linear", sparse=True, normalize=False, rescale=True,
                             extra_params={"epsilon": 0.15}, random=True),
 )}
 

@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from evomerge.merge.registry import compute_dtype, register_kernel
+from evomerge.merge.registry import compute_dtype
 
 
 def model_stock(base, sources, params, options, rng, out):
@@ -31,5 +31,3 @@ def model_stock(base, sources, params, options, rng, out):
     merged = (t * average + (1 - t) * rows(w0)).view(base.shape)
     return merged if out is None else out.copy_(merged)
 
-
-register_kernel("model_stock", model_stock)

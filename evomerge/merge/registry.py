@@ -1,42 +1,31 @@
-"""Merge kernels by method name, and the one entry point that runs a method on one tensor.
+"""The one entry point that runs a merge method on one tensor.
 
-A method is data (`evomerge.merge.methods`: its name, parameters, defaults) plus a pure
-tensor function registered here by its operator module; `merge_tensor` checks the inputs
-once, fills in defaults and calls it.
+A method is one declaration (`evomerge.merge.methods`: name, parameters, defaults, and its
+kernel by name); `merge_tensor` checks the inputs once, fills in defaults and calls the kernel,
+imported on first use.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.methods import METHODS, MergeMethod, get_method
+from evomerge.merge.methods import MergeMethod, get_method
 from evomerge.merge.rng import TensorRNG
 
 # fn(base, sources, params, options, rng, out) -> merged tensor (written into `out` when given)
 MergeFn = Callable[..., torch.Tensor]
-OPERATOR_MODULES = ("linear", "slerp", "model_stock", "task_arithmetic", "ties", "dare", "breadcrumbs", "della")
-KERNELS: dict[str, MergeFn] = {}
 
 
-def register_kernel(name: str, fn: MergeFn) -> None:
-    """Called by each operator module for the methods it implements."""
-    if name not in METHODS:
-        raise ValueError(f"kernel for {name!r}, which evomerge.merge.methods does not declare")
-    if name in KERNELS:
-        raise ValueError(f"merge method {name!r} has two kernels")
-    KERNELS[name] = fn
-
-
+@functools.cache
 def kernel(name: str) -> MergeFn:
-    get_method(name)  # the unknown-method message
-    if name not in KERNELS:  # importing an operator module registers its kernels
-        for module in OPERATOR_MODULES:
-            importlib.import_module(f"evomerge.merge.{module}")
-    return KERNELS[name]
+    """The tensor function a method declares (`module:function` in evomerge.merge)."""
+    module, function = get_method(name).kernel.split(":")
+    return getattr(importlib.import_module(f"evomerge.merge.{module}"), function)
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

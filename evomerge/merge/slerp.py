@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from evomerge.merge.registry import chunk_elements, compute_dtype, register_kernel
+from evomerge.merge.registry import chunk_elements, compute_dtype
 
 
 def _chunks(numel: int, device: torch.device):
@@ -41,5 +41,3 @@ def slerp(base, sources, params, options, rng, out):
         flat_out[start:stop] = torch.mul(v0[start:stop].to(dtype), c0).add_(v1[start:stop].to(dtype), alpha=c1)
     return out
 
-
-register_kernel("slerp", slerp)

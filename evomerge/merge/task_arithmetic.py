@@ -9,12 +9,13 @@ so it runs chunk by chunk straight into the output tensor.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.registry import chunk_elements, compute_dtype, register_kernel
+from evomerge.merge.registry import chunk_elements, compute_dtype
 from evomerge.merge.rng import TensorRNG
 
 # sparsifier(delta, params_of_this_source, rng) -> mask (bool or float, same shape) or None for "keep all"
@@ -114,14 +115,4 @@ def generalized_task_arithmetic(
     return out
 
 
-def gta_method(name: str, *, sparsifier: Sparsifier | None, consensus: bool) -> None:
-    """Register the kernel of one member of the task-arithmetic family (its parameters and
-    defaults are declared in evomerge.merge.methods)."""
-
-    def fn(base, sources, params, opts, rng, out):
-        return generalized_task_arithmetic(base, sources, params, opts, rng, out, sparsifier=sparsifier, consensus=consensus)
-
-    register_kernel(name, fn)
-
-
-gta_method("task_arithmetic", sparsifier=None, consensus=False)
+task_arithmetic = functools.partial(generalized_task_arithmetic, sparsifier=None, consensus=False)

@@ -3,10 +3,12 @@ elect a sign per element, average the deltas that agree with it."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from evomerge.merge.rng import TensorRNG
-from evomerge.merge.task_arithmetic import gta_method
+from evomerge.merge.task_arithmetic import generalized_task_arithmetic
 
 
 def magnitude_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
@@ -22,4 +24,4 @@ def magnitude_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG
     return mask.view_as(delta)
 
 
-gta_method("ties", sparsifier=magnitude_mask, consensus=True)
+ties = functools.partial(generalized_task_arithmetic, sparsifier=magnitude_mask, consensus=True)
