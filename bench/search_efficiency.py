@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
 from evomerge.config import load_config
+from evomerge.backends.hf import as_candidate
 from evomerge.evaluate import build_evaluator
 from evomerge.fitness import FitnessSpec
 from evomerge.search.loop import Search
@@ -41,7 +42,8 @@ def source_scores(fitness: FitnessSpec) -> dict[str, float]:
     out = {}
     for path in [str(ZOO / "base"), *EXPERTS]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        out[Path(path).name] = fitness.scalarize(fitness.objective_values(evaluator.evaluate(model)))
+        scores = evaluator.evaluate(as_candidate(model, ZOO / "base"))
+        out[Path(path).name] = fitness.scalarize(fitness.objective_values(scores))
     return out
 
 

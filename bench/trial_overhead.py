@@ -69,7 +69,7 @@ def write_config(name: str, base: str, experts: list[str], limit: int | None, tr
 def ours(config_path: Path) -> tuple[dict[str, float], list[Recipe], Search]:
     """Median per-trial seconds: whole trial, forward passes, merge, lm-eval around the forwards."""
     search = Search(load_config(config_path))
-    clock = ForwardClock(search.materializer.candidate)
+    clock = ForwardClock(search.backend.materializer.candidate)
     marks = [(time.perf_counter(), 0.0)]
     search.run(lambda n, record: marks.append((time.perf_counter(), clock.total)))
     trials = [t for t in search.study.get_trials() if "timings" in t.user_attrs]
@@ -91,8 +91,8 @@ def naive(search: Search, recipes: list[Recipe], limit: int | None, work: Path) 
     for recipe in recipes:
         start = time.perf_counter()
         out = work / "candidate"
-        search.materializer.apply(recipe).save_pretrained(out, safe_serialization=True)
-        search.evaluator.tokenizer.save_pretrained(out)
+        search.backend.materializer.apply(recipe).save_pretrained(out, safe_serialization=True)
+        search.backend.tokenizer.save_pretrained(out)
         with quiet():
             simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=options["tasks"],
                             task_manager=search.evaluator.manager, limit=limit, batch_size=options["batch_size"],
@@ -108,7 +108,7 @@ def measure(label: str, base: str, experts: list[str], limit: int | None, trials
         parts, recipes, search = ours(write_config(label, base, experts, limit, trials, work))
         t_naive = statistics.median(naive(search, recipes[1:], limit, work))
     t_ours, forward = parts["trial"], parts["forward"]
-    print(f"{label:<11} {search.materializer.candidate.num_parameters() / 1e6:>6.1f}M  forward {forward:7.3f} s | "
+    print(f"{label:<11} {search.backend.materializer.candidate.num_parameters() / 1e6:>6.1f}M  forward {forward:7.3f} s | "
           f"evomerge trial {t_ours:7.3f} s: merge {parts['merge']:.3f}, lm-eval {parts['evaluate'] - forward:.3f}, "
           f"loop {t_ours - parts['merge'] - parts['evaluate']:.3f}; overhead {100 * (1 - forward / t_ours):4.1f}% | "
           f"naive trial {t_naive:7.3f} s, overhead {100 * (1 - forward / t_naive):4.1f}% | "

@@ -57,9 +57,13 @@ def _config(args: argparse.Namespace):
 
 
 def _existing_study(config):
-    from evomerge.search.study import open_storage, open_study
+    """The config's study for a read-only command: opened by storage and name; it must be the
+    same search (models, search space, fitness), whatever seed or sampler it was run with."""
+    from evomerge.search.identity import open_study
+    from evomerge.search.storage import open_database
 
-    return open_study(config, open_storage(config.storage, config.heartbeat), create=False)
+    return open_study(config, open_database(config.storage, config.heartbeat,
+                                            reconnect_timeout_s=config.reconnect_timeout_s))
 
 
 def cmd_run(args: argparse.Namespace) -> None:

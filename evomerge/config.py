@@ -11,6 +11,7 @@ and where the study lives. Every error names the file, the key and what was expe
     seed: 0
     storage: null                            # default sqlite:///runs/<name>/study.db
     device: auto                             # auto | cpu | cuda | cuda:N
+    reconnect_timeout_s: 300                 # a lost database connection is retried this long
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ SAMPLERS = {
     "random": set(),
 }
 _KEYS = {"name", "models", "base_model", "search_space", "fitness", "sampler", "budget", "seed", "storage",
-         "study_name", "device", "dtype", "heartbeat", "description"}
+         "study_name", "device", "dtype", "heartbeat", "reconnect_timeout_s", "description"}
 
 
 @dataclass
@@ -55,6 +56,7 @@ class RunConfig:
     device: str | None
     dtype: str = "bfloat16"
     heartbeat: dict[str, float] = field(default_factory=lambda: {"interval": 10.0, "grace": 30.0})
+    reconnect_timeout_s: float = 300.0  # how long a lost database connection is retried before the run stops
 
     @property
     def out_dir(self) -> Path:
@@ -114,6 +116,9 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
     if not isinstance(heartbeat, dict) or set(heartbeat) - {"interval", "grace"} or not all(
             isinstance(v, (int, float)) and v > 0 for v in heartbeat.values()):
         raise _err(where, "heartbeat", "{interval: SECONDS, grace: SECONDS}", heartbeat)
+    reconnect = data.get("reconnect_timeout_s", 300.0)
+    if not isinstance(reconnect, (int, float)) or isinstance(reconnect, bool) or reconnect < 0:
+        raise _err(where, "reconnect_timeout_s", "a number of seconds >= 0", reconnect)
     device = data.get("device", "auto")
     dtype = data.get("dtype", "bfloat16")
     if dtype not in ("bfloat16", "float16", "float32"):
@@ -130,6 +135,7 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
         study_name=study_name or data.get("study_name") or name,
         device=None if device == "auto" else str(device), dtype=dtype,
         heartbeat={"interval": 10.0, "grace": 30.0, **{k: float(v) for k, v in heartbeat.items()}},
+        reconnect_timeout_s=float(reconnect),
     )
 
 

@@ -20,6 +20,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from evomerge.backends import Candidate
+from evomerge.backends.hf import as_candidate
 from evomerge.config import RunConfig, load_config
 from evomerge.errors import EvomergeError
 from evomerge.evaluate import build_evaluator
@@ -59,9 +61,9 @@ def score_sources(config: RunConfig, evaluators: dict[str, Evaluator]) -> dict[s
     refs = ([config.base_model] if config.base_model else []) + config.models
     tables: dict[str, dict[str, dict[str, float]]] = {split: {} for split in evaluators}
     for ref in refs:
-        model = _load(Path(ref), config.dtype)
+        candidate = as_candidate(_load(Path(ref), config.dtype), ref, config.fitness.options["batch_size"])
         for split, evaluator in evaluators.items():
-            tables[split][Path(ref).name] = evaluator.evaluate(model)
+            tables[split][Path(ref).name] = evaluator.evaluate(candidate)
     return tables
 
 
@@ -72,7 +74,7 @@ class Phase:
     entries: list[ArchiveEntry]
     best: ArchiveEntry
     recipe: Recipe
-    model: PreTrainedModel
+    candidate: Candidate
 
 
 def run_phase(config: RunConfig, title: str, quiet: bool) -> Phase:
@@ -85,7 +87,7 @@ def run_phase(config: RunConfig, title: str, quiet: bool) -> Phase:
     print(f"\n{title} ({len(entries)} of {config.n_trials} trials, search split):")
     print(archive_table(config, entries))
     recipe = Recipe.from_dict(best.recipe, where=f"trial {best.number}")
-    return Phase(search, entries, best, recipe, search.materializer.apply(recipe))
+    return Phase(search, entries, best, recipe, search.backend.materialize(recipe))
 
 
 def main(n_trials: int | None = None, out: str | None = None, quiet: bool = False) -> None:
@@ -108,7 +110,7 @@ def main(n_trials: int | None = None, out: str | None = None, quiet: bool = Fals
     print("Source models on the search split:\n" + _score_table(sources["search"], columns) + "\n")
 
     phase = run_phase(config, "Pareto archive", quiet)
-    merged = evaluators["test"].evaluate(phase.model)
+    merged = evaluators["test"].evaluate(phase.candidate)
     print("\nOn the test split (prompts the search never saw):")
     print(_score_table({**sources["test"], f"best merge (trial {phase.best.number})": merged}, columns))
     best_test = merged[TARGET]
@@ -120,7 +122,7 @@ def main(n_trials: int | None = None, out: str | None = None, quiet: bool = Fals
 
     plot = out_dir / "pareto.png"
     plot_archive(config, phase.search.study, phase.entries, plot)
-    saved = save_checkpoint(phase.search.materializer, phase.recipe, out_dir / "best", force=True)
+    saved = save_checkpoint(phase.search.backend.materializer, phase.recipe, out_dir / "best", force=True)
     print(f"Pareto plot: {plot}; best model exported to {saved} (recipe.yaml beside it).")
     storage = "" if out is None else f" --storage {config.storage}"
     print(f"Inspect the study: evomerge status {DEMO_CONFIG}{storage}; evomerge archive {DEMO_CONFIG}{storage}")
@@ -145,7 +147,7 @@ def route_phase(config_path: Path, n_trials: int | None, test: Evaluator, merge_
     print(f"\nPhase 2, layer routing (PS+DFS, {config_path}): paths through the best merge and "
           f"{Path(config.models[1]).name}, r = 3, one scale per layer entered; accuracy vs. depth")
     phase = run_phase(config, "Pareto archive of the routes", quiet)
-    routed = test.evaluate(phase.model)
+    routed = test.evaluate(phase.candidate)
     print(f"Best route (trial {phase.best.number}, {phase.best.values['layers']:.0f} layers) on the test split: "
           f"{100 * routed[TARGET]:.1f}% vs {100 * merge_test:.1f}% for the merge it routes through "
           f"({100 * (routed[TARGET] - merge_test):+.1f} points).")

@@ -2,10 +2,10 @@
 
 `LmEvalEvaluator` pays lm-eval's set-up costs once per run: the task index is built from
 the local task folder alone when it holds every requested task (indexing lm-eval's ~15k
-built-in names takes seconds), datasets load once, and the live candidate is wrapped once
-in lm-eval's HF model class. Each trial then calls the lower-level `evaluate` on the same
-objects, so the weights written in place are what gets scored, with lm-eval's progress
-bars and logs kept out of the user's terminal.
+built-in names takes seconds) and datasets load once. Each trial then calls the lower-level
+`evaluate` on the same task objects with the candidate's lm-eval model (which its backend
+wraps: evomerge.backends), with lm-eval's progress bars and logs kept out of the user's
+terminal.
 
 Every problem with the spec (a task that does not exist, data missing offline, a metric
 the tasks do not produce) raises `EvomergeError` here, before any candidate is built.
@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
+from evomerge.backends import Candidate
 from evomerge.errors import EvomergeError
 from evomerge.fitness import COST_METRICS, Evaluator, FitnessSpec
 from evomerge.zoo import SKILLS, exact_match, split_examples
@@ -39,8 +40,10 @@ class ZooSkillsEvaluator:
         self.examples = {s: split_examples(s, spec.options["split"], spec.options["n_examples"]) for s in SKILLS}
 
     @torch.inference_mode()
-    def evaluate(self, model: PreTrainedModel) -> dict[str, float]:
-        scores = {s: exact_match(model, self.tokenizer, ex) for s, ex in self.examples.items()}
+    def evaluate(self, candidate: Candidate) -> dict[str, float]:
+        if candidate.model is None:
+            raise EvomergeError("the zoo_skills fitness scores Hugging Face models: use backend hf, or an lm_eval fitness")
+        scores = {s: exact_match(candidate.model, self.tokenizer, ex) for s, ex in self.examples.items()}
         scores["mean"] = sum(scores.values()) / len(scores)
         return scores
 
@@ -94,8 +97,8 @@ def metric_keys(task_dict: dict[str, Any]) -> list[str]:
     when it is lm-eval's default `none`)."""
     keys = []
     for name, task in task_dict["tasks"].items():
-        filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
-        keys += [_key(name, m, f) for m in task._metric_fn_list for f in filters]
+        filters = [f["name"] for f in task.config.filter_list or []] or ["none"]
+        keys += [_key(name, m, f) for m in task.aggregation() for f in filters]
     for name, group in task_dict["groups"].items():
         for agg in group.aggregate_metric_list or []:
             keys += [_key(name, agg.metric, f) for f in (agg.filter_list or ["none"])]
@@ -118,9 +121,9 @@ def resolve_metric(metric: str, available: list[str], where: str) -> str:
 
 
 class LmEvalEvaluator:
-    """lm-eval tasks built once, the candidate wrapped once, one `evaluate` call per trial."""
+    """lm-eval tasks built once, one `evaluate` call per trial."""
 
-    def __init__(self, spec: FitnessSpec, tokenizer_path: str | Path):
+    def __init__(self, spec: FitnessSpec):
         options = spec.options
         self.options = options
         include = Path(spec.source).parent / options["include_path"]
@@ -133,8 +136,6 @@ class LmEvalEvaluator:
         available = metric_keys(self.task_dict)
         self.metrics = {o.metric: resolve_metric(o.metric, available, spec.source)
                         for o in spec.objectives if o.metric not in COST_METRICS}
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.lm = None
 
     def _select_split(self, split: str | None) -> None:
         if split is None:
@@ -144,21 +145,12 @@ class LmEvalEvaluator:
                 raise EvomergeError(f"lm-eval task {name!r} has no split {split!r}; it has {sorted(task.dataset or {})}")
             task.config.test_split = split
 
-    def _wrap(self, model: PreTrainedModel) -> Any:
-        if self.lm is None:
-            with quiet():  # it warns that a live model object skips its loading options: intended
-                self.lm = _quiet_hflm()(pretrained=model, tokenizer=self.tokenizer,
-                                        batch_size=self.options["batch_size"], device=str(model.device))
-        self.lm._model = model  # a routed candidate is a new module object; a PS candidate is the same one
-        return self.lm
-
     @torch.inference_mode()
-    def evaluate(self, model: PreTrainedModel) -> dict[str, float]:
+    def evaluate(self, candidate: Candidate) -> dict[str, float]:
         from lm_eval.evaluator import evaluate
 
-        lm = self._wrap(model)
         with quiet():
-            results = evaluate(lm=lm, task_dict=self.task_dict, limit=self.options["limit"], bootstrap_iters=0,
+            results = evaluate(lm=candidate.lm, task_dict=self.task_dict, limit=self.options["limit"], bootstrap_iters=0,
                                log_samples=False, verbosity="ERROR")
         scores = flatten_results(results["results"])
         for wanted, key in self.metrics.items():
@@ -177,26 +169,8 @@ def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return flat
 
 
-def _quiet_hflm() -> type:
-    """lm-eval's HF model class with its per-call progress bars off (it passes `disable=`
-    explicitly, so they cannot be silenced from outside)."""
-    from lm_eval.models.huggingface import HFLM
-
-    class QuietHFLM(HFLM):
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return super().generate_until(requests, disable_tqdm=True)
-
-    return QuietHFLM
-
-
-EVALUATORS: dict[str, type] = {"zoo_skills": ZooSkillsEvaluator, "lm_eval": LmEvalEvaluator}
-
-
 def build_evaluator(spec: FitnessSpec, tokenizer_path: str | Path) -> Evaluator:
-    return EVALUATORS[spec.kind](spec, tokenizer_path)
+    """The spec's evaluator; `tokenizer_path` serves the zoo scorer (lm-eval's comes with the candidate)."""
+    if spec.kind == "lm_eval":
+        return LmEvalEvaluator(spec)
+    return ZooSkillsEvaluator(spec, tokenizer_path)

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from evomerge.errors import EvomergeError
 from evomerge.yamlio import check_keys, load_yaml_mapping
 
-if TYPE_CHECKING:  # a fitness spec is read (to resume a search) without loading torch
+if TYPE_CHECKING:  # a fitness spec is read without loading torch
     from transformers import PreTrainedModel
+
+    from evomerge.backends import Candidate
 
 COST_METRICS = ("param_count", "path_length")
 _COMMON = {"kind", "objectives", "scalarization", "description"}
@@ -70,7 +72,7 @@ class Objective:
 
 
 class Evaluator(Protocol):
-    def evaluate(self, model: PreTrainedModel) -> dict[str, float]: ...
+    def evaluate(self, candidate: Candidate) -> dict[str, float]: ...
 
 
 @dataclass(frozen=True)

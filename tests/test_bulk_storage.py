@@ -112,3 +112,59 @@ def test_a_trial_changing_state_during_the_read_keeps_its_params_and_attrs(tmp_p
     [read] = ours._get_trials(study._study_id, (TrialState.WAITING,), set(), -1)
     assert read.state == TrialState.WAITING and read.user_attrs == {"u": 1} and "fixed_params" in read.system_attrs
     assert other.get_trial(waiting._trial_id).state == TrialState.RUNNING  # the pop did happen mid-read
+
+
+def test_full_reads_survive_more_unfinished_trials_than_the_database_takes_bind_variables(tmp_path, monkeypatch):
+    """Optuna's cache asks again for every unfinished trial it holds; past the database's limit on
+    bound variables (999 on older SQLite, 32,766 now, 65,535 with psycopg) one IN list would fail
+    every later read. Scaled down here: the limit is lowered to 64 and the ids per list to 32,
+    so that 100 running trials cross it."""
+    import sqlite3
+
+    import sqlalchemy
+
+    from evomerge.search import bulk_storage
+
+    monkeypatch.setattr(bulk_storage, "_MAX_IDS", 32)
+
+    storage = open_rdb(f"sqlite:///{tmp_path}/s.db")
+    sqlalchemy.event.listen(storage._backend.engine, "connect",
+                            lambda connection, _: connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 64))
+    storage._backend.engine.dispose()  # connections opened from here on have the limit
+    study = optuna.create_study(storage=storage)
+    assert len(study.get_trials(deepcopy=False)) == 0
+    trials = [study.ask() for _ in range(100)]
+    study.tell(trials[-1], 99.0)
+    assert len(study.get_trials(deepcopy=False)) == 100  # the cache now holds 99 unfinished ids below a finished one
+    for i, trial in enumerate(trials[:-1]):
+        study.tell(trial, float(i))
+    done = study.get_trials(deepcopy=False)  # asks again for those 99 ids
+    assert [t.state for t in done] == [TrialState.COMPLETE] * 100 and [t.value for t in done] == list(map(float, range(100)))
+
+
+def test_the_internals_check_fails_when_optunas_cache_is_missing(monkeypatch):
+    """Another Optuna without the private pieces the bulk reads use: the check says so (and the
+    module then hands out Optuna's own storage; the next test runs a search that way)."""
+    import sys
+
+    from evomerge.search import bulk_storage
+
+    assert bulk_storage.AVAILABLE and bulk_storage._internals_as_expected()
+    monkeypatch.setitem(sys.modules, "optuna.storages._cached_storage", None)
+    assert not bulk_storage._internals_as_expected()
+
+
+def test_a_search_runs_and_resumes_on_optunas_own_storage(tmp_path, zoo, monkeypatch):
+    from evomerge.cli import main
+    from evomerge.search import bulk_storage
+    from reliability.harness import completed_sequence, trials_of, write_config
+
+    straight = write_config(tmp_path, zoo, "straight", n_trials=4)
+    assert main(["run", str(straight), "--quiet"]) == 0
+    monkeypatch.setattr(bulk_storage, "RDB", RDBStorage)
+    monkeypatch.setattr(bulk_storage, "cached", lambda rdb: rdb)
+    path = write_config(tmp_path, zoo, "fallback", n_trials=2)
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert main(["run", str(path), "--quiet", "--n-trials", "4"]) == 0
+    assert completed_sequence(path) == completed_sequence(straight)
+    assert len(trials_of(path)) == 4

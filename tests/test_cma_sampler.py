@@ -17,19 +17,9 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from evomerge.search.cma_sampler import (
-    ALL_FAILED_VALUE,
-    CANDIDATE_FAILURE,
-    FAILURE_ATTR,
-    GENERATION_KEY,
-    SLOT_KEY,
-    GenerationBusy,
-    PyCmaSampler,
-    ReplayMismatch,
-    enqueue_retry,
-    slot_of,
-    told_values,
-)
+from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, GENERATION, SLOT
+from evomerge.search.cma_sampler import ALL_FAILED_VALUE, PyCmaSampler, ReplayMismatch, slot_of, told_values
+from evomerge.search.workers import retry_dead_trial
 
 SPACE = {"a": FloatDistribution(0.0, 1.0), "b": FloatDistribution(-2.0, 3.0), "c": FloatDistribution(0.0, 10.0)}
 POPSIZE = 4
@@ -192,13 +182,12 @@ def test_killed_trial_retried_with_same_slot(tmp_path, uninterrupted, kind, k):
     study = optuna.load_study(study_name="s", storage=url, sampler=sampler())
     study._storage.set_trial_state_values(killed_id, TrialState.FAIL)  # what the heartbeat does
     killed = study._storage.get_trial(killed_id)
-    assert enqueue_retry(study, killed)
-    assert not enqueue_retry(study, killed)  # a retry is already pending
+    retry_dead_trial(study, killed)  # what evomerge's workers do
     n = N if kind == "memory" else N_SQLITE
     run_until(study, n)
     assert history(study) == uninterrupted[:n]
     retry = study.trials[k + 1]
-    assert retry.user_attrs["retry_of"] == killed.number
+    assert retry.system_attrs["failed_trial"] == killed.number
     assert slot_of(retry) == slot_of(killed) == (k // POPSIZE, k % POPSIZE)
 
 
@@ -226,23 +215,24 @@ def test_killed_trial_without_retry_frees_its_slot(tmp_path, uninterrupted):
     assert history(study) == uninterrupted
 
 
-def test_generation_busy_until_its_trials_finish():
+def test_no_slot_while_the_rest_of_a_generation_runs():
+    """next_slot is what a worker asks before taking a trial: None while every slot of the current
+    generation is held; a trial that arrives without a slot then is refused, never given a guess."""
     study = optuna.create_study(sampler=sampler())
     s = study.sampler
     running = []
-    for _ in range(POPSIZE):
-        assert not s.is_busy(study)
+    for slot in range(POPSIZE):
+        assert s.next_slot(study) == (0, slot)
         trial = study.ask()
         running.append((trial, f(suggest(trial))))
-    assert s.is_busy(study)
+    assert s.next_slot(study) is None
     blocked = study.ask()
-    with pytest.raises(GenerationBusy) as err:
+    with pytest.raises(RuntimeError, match="every slot of the current CMA-ES generation is taken"):
         suggest(blocked)
-    assert err.value.generation == 0 and err.value.pending == [t.number for t, _ in running]
     study.tell(blocked, state=TrialState.FAIL)  # untagged: ignored by the sampler
     for trial, value in running:
         study.tell(trial, value)
-    assert not s.is_busy(study)
+    assert s.next_slot(study) == (1, 0)
     trial = study.ask()
     suggest(trial)
     assert slot_of(study._storage.get_trial(trial._trial_id)) == (1, 0)
@@ -263,14 +253,14 @@ def test_duplicate_slot_lowest_complete_wins(uninterrupted):
     study = optuna.create_study(sampler=sampler())
     first = study.ask()
     params = suggest(first)  # slot (0, 0)
-    study.add_trial(create_trial(state=TrialState.WAITING, system_attrs={GENERATION_KEY: 0, SLOT_KEY: 0}))
+    study.add_trial(create_trial(state=TrialState.WAITING, system_attrs={GENERATION: 0, SLOT: 0}))
     dup = study.ask()
     assert suggest(dup) == params
     study.tell(dup, f(params) + 100.0)  # finishes first, with another value: must not count
     for _ in range(POPSIZE - 1):
         trial = study.ask()
         study.tell(trial, f(suggest(trial)))
-    assert study.sampler.is_busy(study)  # slot 0 still has a RUNNING trial
+    assert study.sampler.next_slot(study) is None  # slot 0 still has a RUNNING trial
     study.tell(first, f(params))
     run_until(study, N + 1)
     assert [(t.params, t.value) for t in study.trials if t.number != dup.number] == uninterrupted
@@ -291,7 +281,7 @@ def test_candidate_failures_do_not_stall():
         trial = study.ask()
         params = suggest(trial)
         if i % POPSIZE == 1 or i // POPSIZE == 2:  # one bad candidate per generation, all of gen 2
-            trial.set_user_attr(FAILURE_ATTR, CANDIDATE_FAILURE)
+            trial.set_user_attr(FAILURE, CANDIDATE_FAILURE)
             study.tell(trial, state=TrialState.FAIL)
         else:
             study.tell(trial, f(params))
@@ -305,17 +295,17 @@ def test_nothing_pickled(tmp_path, monkeypatch):
     killed_id = _kill_mid_trial(url, 5)
     study = optuna.load_study(study_name="s", storage=url, sampler=sampler())
     study._storage.set_trial_state_values(killed_id, TrialState.FAIL)
-    enqueue_retry(study, study._storage.get_trial(killed_id))
+    retry_dead_trial(study, study._storage.get_trial(killed_id))
     trial = study.ask()
     suggest(trial)
-    trial.set_user_attr(FAILURE_ATTR, CANDIDATE_FAILURE)
+    trial.set_user_attr(FAILURE, CANDIDATE_FAILURE)
     study.tell(trial, state=TrialState.FAIL)
     run_until(study, 12)
     for t in study.trials:
         for attrs in (t.system_attrs, t.user_attrs):
             json.dumps(attrs)
             assert not any(key.startswith("cma:") for key in attrs)
-        assert {GENERATION_KEY, SLOT_KEY} <= set(t.system_attrs)
+        assert {GENERATION, SLOT} <= set(t.system_attrs)
     json.dumps(study._storage.get_study_system_attrs(study._study_id))
     assert not list(tmp_path.iterdir())  # pycma wrote no outcmaes/ logs
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from evomerge.backends.hf import HfBackend, as_candidate
 from evomerge.errors import EvomergeError
 from evomerge.evaluate import LmEvalEvaluator, build_evaluator, flatten_results
 from evomerge.export import save_checkpoint
@@ -26,6 +27,11 @@ from evomerge.zoo import SKILLS, exact_match, split_examples, write_task_data
 ZOO = Path("evomerge/zoo_models")
 TASKS = Path("evaluators/tasks")
 LIMIT = 24
+TOKENIZER = AutoTokenizer.from_pretrained(ZOO / "base")
+
+
+def score(evaluator, model) -> dict[str, float]:
+    return evaluator.evaluate(as_candidate(model, TOKENIZER))
 
 
 def spec(**options) -> FitnessSpec:
@@ -65,9 +71,9 @@ def test_search_and_test_splits_share_no_prompt():
 def test_lm_eval_acc_is_exact_match_of_the_greedy_answer(evaluator):
     """The loglikelihood task's acc (is_greedy) equals evomerge's own teacher-forced exact match."""
     model = AutoModelForCausalLM.from_pretrained(ZOO / "expert_srt", dtype=torch.float32).eval()
-    scores = evaluator.evaluate(model)
+    scores = score(evaluator, model)
     for skill in SKILLS:
-        assert scores[f"zoo_{skill}/acc"] == exact_match(model, evaluator.tokenizer, split_examples(skill, "search", LIMIT))
+        assert scores[f"zoo_{skill}/acc"] == exact_match(model, TOKENIZER, split_examples(skill, "search", LIMIT))
     assert scores["zoo_target/acc"] == pytest.approx(sum(scores[f"zoo_{s}/acc"] for s in SKILLS) / 3)
 
 
@@ -76,7 +82,7 @@ def test_generation_task_agrees_with_one_pass_scoring(candidate):
     model, _ = candidate
     both = build_evaluator(spec(tasks=["zoo_target", "zoo_gen"], limit=10,
                                 objectives=[{"name": "gen", "metric": "zoo_gen/exact_match"}]), ZOO / "base")
-    scores = both.evaluate(model)
+    scores = score(both, model)
     assert both.metrics == {"zoo_gen/exact_match": "zoo_gen/exact_match,first-word"}
     gen_docs = both.task_dict["tasks"]["zoo_gen"].test_docs()  # the first 10 are rev prompts
     assert [d["prompt"][:3] for d in list(gen_docs)[:10]] == ["rev"] * 10
@@ -85,22 +91,22 @@ def test_generation_task_agrees_with_one_pass_scoring(candidate):
 
 def test_same_candidate_same_scores_and_weights_are_read_live(evaluator, candidate):
     model, _ = candidate
-    first = evaluator.evaluate(model)
-    assert evaluator.evaluate(model) == first
+    first = score(evaluator, model)
+    assert score(evaluator, model) == first
     expert = AutoModelForCausalLM.from_pretrained(ZOO / "expert_rev", dtype=torch.float32).eval()
     with torch.no_grad():
         saved = {n: p.clone() for n, p in model.named_parameters()}
         for name, param in model.named_parameters():
             param.copy_(dict(expert.named_parameters())[name])
-        assert evaluator.evaluate(model) == evaluator.evaluate(expert)
+        assert score(evaluator, model) == score(evaluator, expert)
         for name, param in model.named_parameters():
             param.copy_(saved[name])
-    assert evaluator.evaluate(model) == first
+    assert score(evaluator, model) == first
 
 
 def test_in_place_scores_equal_the_lm_eval_command_line_on_the_export(evaluator, candidate, tmp_path):
     model, exported = candidate
-    ours = evaluator.evaluate(model)
+    ours = score(evaluator, model)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
            "--model_args", f"pretrained={exported.resolve()},dtype=float32", "--tasks", "zoo_target",
@@ -114,12 +120,33 @@ def test_in_place_scores_equal_the_lm_eval_command_line_on_the_export(evaluator,
         assert theirs[key] == pytest.approx(ours[key], abs=1e-12), key
 
 
+def test_the_hf_backend_wraps_each_new_model_object_once(evaluator):
+    """A parameter-space candidate is one module object, wrapped once; a routed candidate is a new
+    object and gets a new lm-eval wrapper around it (never an old wrapper re-pointed)."""
+    experts = [str(ZOO / f"expert_{s}") for s in SKILLS]
+    backend = HfBackend(Materializer(experts, dtype="float32", device="cpu"), ZOO / "base", batch_size=16)
+    merge = Recipe.from_dict({"method": "linear", "dtype": "float32",
+                              "models": [{"model": m, "parameters": {"weight": 1.0}} for m in experts]})
+    first, again = backend.materialize(merge), backend.materialize(merge)
+    assert first.model is again.model and first.lm is again.lm
+    def route(*layers: int):
+        return backend.materialize(Recipe.from_dict({"dtype": "float32", "route": {
+            "embed_from": experts[0], "layers": [{"model": experts[0], "layer": i} for i in layers]}}))
+
+    identity = route(0, 1, 2, 3)  # the first expert's own path: the expert's scores
+    scores, lm = evaluator.evaluate(identity), identity.lm
+    assert scores == score(evaluator, AutoModelForCausalLM.from_pretrained(experts[0], dtype=torch.float32).eval())
+    shorter = route(0, 1, 3)
+    assert shorter.model is not identity.model and shorter.lm is not lm
+    assert shorter.lm.model is shorter.model and shorter.costs["path_length"] == 3
+
+
 def test_split_selects_the_held_out_prompts(candidate):
     model, _ = candidate
     test = build_evaluator(spec(split="test", limit=None), ZOO / "base")
-    scores = test.evaluate(model)
+    scores = score(test, model)
     for skill in SKILLS:
-        expected = exact_match(model, test.tokenizer, split_examples(skill, "test"))
+        expected = exact_match(model, TOKENIZER, split_examples(skill, "test"))
         assert scores[f"zoo_{skill}/acc"] == pytest.approx(expected)
 
 

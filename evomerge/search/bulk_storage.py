@@ -14,6 +14,11 @@ only (WAITING, RUNNING: a handful of rows) goes straight to the database: Optuna
 `study.ask()` asks for WAITING trials first thing, and its cache would load the whole
 study to answer. A resumed search that never needs the history (random search) then never
 reads it, and the others read it once, in bulk.
+
+Both lean on Optuna internals (its private cache class, ORM models and `_get_trials` hook),
+checked when this module is imported: where they are not what this code was written against
+(another Optuna release), `RDB` is Optuna's own `RDBStorage` and `cached` leaves it to Optuna's
+own cache, which reads the same rows, slower.
 """
 
 from __future__ import annotations
@@ -25,19 +30,45 @@ import functools
 import gc
 import json
 from collections import defaultdict
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterator
 from typing import Any
 
+import inspect
 import sqlalchemy
 from optuna.distributions import BaseDistribution, json_to_distribution
-from optuna.storages import RDBStorage
-from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
-from optuna.storages._rdb import models
+from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-_VALUE = models.TrialValueModel.stored_repr_to_value
-_FINITE = models.TrialValueModel.TrialValueType.FINITE
-_INTERMEDIATE = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
+_GET_TRIALS = ["self", "study_id", "states", "included_trial_ids", "trial_id_greater_than"]
+_MAX_IDS = 500  # ids per IN (...) list: far below every database's limit on bound variables (SQLite's 999)
+
+
+def _internals_as_expected() -> bool:
+    try:
+        from optuna.storages._cached_storage import _CachedStorage, _StudyInfo  # noqa: F401
+        from optuna.storages._rdb import models
+
+        tables = {m.__table__.name: set(m.__table__.c.keys()) for m in (
+            models.TrialModel, models.TrialParamModel, models.TrialValueModel, models.TrialUserAttributeModel,
+            models.TrialSystemAttributeModel, models.TrialIntermediateValueModel, models.StudyModel)}
+        return (list(inspect.signature(RDBStorage._get_trials).parameters) == _GET_TRIALS
+                and {"trial_id", "number", "state", "datetime_start", "datetime_complete"} <= tables["trials"]
+                and callable(models.TrialValueModel.stored_repr_to_value)
+                and hasattr(_CachedStorage, "_add_trials_to_cache") and hasattr(_StudyInfo(), "unfinished_trial_ids"))
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return False
+
+
+AVAILABLE = _internals_as_expected()
+if AVAILABLE:
+    from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+    from optuna.storages._rdb import models
+
+    _VALUE = models.TrialValueModel.stored_repr_to_value
+    _FINITE = models.TrialValueModel.TrialValueType.FINITE
+    _INTERMEDIATE = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
+else:
+    _CachedStorage = object  # type: ignore[misc,assignment]  # the classes below are then never used
 
 
 @functools.lru_cache(maxsize=4096)
@@ -72,23 +103,20 @@ class BulkRDBStorage(RDBStorage):
     def _get_trials(self, study_id: int, states: Container[TrialState] | None, included_trial_ids: set[int],
                     trial_id_greater_than: int) -> list[FrozenTrial]:
         trials = models.TrialModel.__table__
-        by_id = trials.c.study_id == study_id  # which trials, by id: unlike their state, this never changes
+        in_study = trials.c.study_id == study_id  # and which trials, by id: unlike their state, that never changes
+        batches = [sqlalchemy.true()]
         if trial_id_greater_than > -1:  # Optuna's cache asks for new trials and for its unfinished ones
-            newer = trials.c.trial_id > trial_id_greater_than
             included = sorted(i for i in included_trial_ids if i <= trial_id_greater_than)
-            by_id = by_id & (sqlalchemy.or_(newer, trials.c.trial_id.in_(included)) if included else newer)
-        where = by_id
-        if states is not None:
-            assert isinstance(states, Iterable)
-            where = by_id & trials.c.state.in_(list(states))
+            batches = [trials.c.trial_id > trial_id_greater_than, *_in_batches(trials.c.trial_id, included)]
+        in_states = trials.c.state.in_(list(states)) if states is not None else sqlalchemy.true()
 
         def selecting(table: Any, rows: list[Any]) -> list[Any]:
             """Filters for the child rows of exactly the trials read (a trial may change state meanwhile):
-            by the same ids for a whole read, else by the few ids read, in chunks."""
-            if states is None:
-                return [table.c.trial_id.in_(sqlalchemy.select(trials.c.trial_id).where(by_id).scalar_subquery())]
-            ids = [row.trial_id for row in rows]
-            return [table.c.trial_id.in_(ids[i:i + 500]) for i in range(0, len(ids), 500)]
+            by the same condition for a read by id alone, else by the ids read, in batches."""
+            if states is None and len(batches) == 1:
+                return [table.c.trial_id.in_(sqlalchemy.select(trials.c.trial_id).where(in_study & batches[0])
+                                             .scalar_subquery())]
+            return _in_batches(table.c.trial_id, [row.trial_id for row in rows])
 
         def children(model: Any, order: str, *columns: str) -> dict[int, list[tuple]]:
             """(columns...) per trial, ordered as Optuna orders them."""
@@ -116,7 +144,8 @@ class BulkRDBStorage(RDBStorage):
             studies = models.StudyModel.__table__
             if connection.execute(sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study_id)).first() is None:
                 raise KeyError(f"No study with study_id {study_id} exists.")
-            rows = connection.execute(sqlalchemy.select(trials).where(where).order_by(trials.c.trial_id)).all()
+            rows = sorted((row for batch in batches for row in connection.execute(
+                sqlalchemy.select(trials).where(in_study & batch & in_states)).all()), key=lambda row: row.trial_id)
             params = children(models.TrialParamModel, "param_id", "param_name", "param_value", "distribution_json")
             values = children(models.TrialValueModel, "objective", "value", "value_type")
             user = attrs(models.TrialUserAttributeModel)
@@ -141,6 +170,11 @@ class BulkRDBStorage(RDBStorage):
             trial_id=row.trial_id)
 
 
+def _in_batches(column: Any, ids: list[int]) -> list[Any]:
+    """`column IN (...)` conditions of at most _MAX_IDS ids each."""
+    return [column.in_(ids[i:i + _MAX_IDS]) for i in range(0, len(ids), _MAX_IDS)]
+
+
 class TrialCache(_CachedStorage):
     """Optuna's trial cache; unfinished-only queries skip it (see the module docstring)."""
 
@@ -156,6 +190,14 @@ class TrialCache(_CachedStorage):
         return copy.deepcopy(trials) if deepcopy else trials
 
 
-def open_rdb(url: str, **kwargs: Any) -> TrialCache:
-    """The storage a study should use: Optuna wraps an RDBStorage in its cache, and leaves this one be."""
-    return TrialCache(BulkRDBStorage(url, **kwargs))
+RDB: type[RDBStorage] = BulkRDBStorage if AVAILABLE else RDBStorage
+
+
+def cached(rdb: RDBStorage) -> BaseStorage:
+    """The storage a study should use over `rdb`: Optuna wraps a plain RDBStorage in its own cache
+    when it opens a study, and leaves a TrialCache be."""
+    return TrialCache(rdb) if AVAILABLE else rdb
+
+
+def open_rdb(url: str, **kwargs: Any) -> BaseStorage:
+    return cached(RDB(url, **kwargs))

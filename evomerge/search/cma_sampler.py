@@ -39,8 +39,7 @@ takes the lowest free slot of the first unfinished generation. Per slot:
 * otherwise a FAIL trial with user attr ``failure == "candidate"`` (or a PRUNED
   trial) makes the slot finished-as-failed;
 * a FAIL trial *without* that attr is a killed worker: it neither holds nor
-  finishes the slot; its retry (:func:`enqueue_retry`) carries the same
-  ``(generation, slot)``. If no retry is enqueued, the next new trial re-takes
+  finishes the slot; its retry carries the same ``(generation, slot)``. If no retry is enqueued, the next new trial re-takes
   the slot, so a generation can't deadlock;
 * RUNNING/WAITING trials hold the slot.
 
@@ -51,47 +50,21 @@ ones were built on). Failed slots are told to pycma (which minimizes) as
 max-min of the generation's finite completed values in minimization sign; when
 the whole generation failed, every slot gets :data:`ALL_FAILED_VALUE`.
 
-Several workers choose slots under the ``lock`` the sampler is given (a context
-manager per study, e.g. a PostgreSQL advisory lock): without it two workers
-reading the study at the same moment take the same free slot and evaluate the
-same candidate twice.
+Slots are chosen from the history alone (:meth:`PyCmaSampler.next_slot`). With several
+workers, the choice must be made and recorded by one worker at a time, and a worker must wait
+while the rest of a generation runs elsewhere: that is worker coordination, not sampling, and
+lives in :mod:`evomerge.search.workers`, which records the slot on the trial before it is
+sampled. A trial that arrives without a slot (a single worker calling ``study.optimize``) takes
+the next free one here.
 
-If the first unfinished generation has all slots held but not all finished, a
-new trial can't be sampled without breaking exactness: :class:`GenerationBusy`
-is raised (from the trial's first ``suggest_float``). A single sequential
-worker never sees it.
+Retries of killed trials must carry the killed trial's ``pycma:*`` system attrs, as evomerge's
+retry (:func:`evomerge.search.workers.retry_dead_trial`) and Optuna's own heartbeat callback
+(``RetryHeartbeatStaleTrialCallback``) do: both copy all system attrs. A trial enqueued by the
+user (``fixed_params`` without ``pycma:*`` attrs) is not part of the CMA search: its missing
+params come from the ``RandomSampler``.
 
-Retries of killed trials must carry the killed trial's ``pycma:*`` system attrs:
-:func:`enqueue_retry` does that, and so does Optuna's own heartbeat callback
-(``RetryHeartbeatStaleTrialCallback``, formerly ``RetryFailedTrialCallback``:
-it copies all system attrs and the params). A
-trial enqueued by the user (``fixed_params`` without ``pycma:*`` attrs) is not
-part of the CMA search: its missing params come from the ``RandomSampler``.
-
-Caller's loop (one of several workers)::
-
-    sampler = PyCmaSampler(space, seed=0)  # same arguments on every resume
-    study = optuna.load_study(study_name=..., storage=..., sampler=sampler)
-    while budget_left(study):
-        if sampler.is_busy(study):  # other workers hold the generation's last slots
-            time.sleep(30)
-            continue
-        trial = study.ask()
-        try:
-            params = {k: trial.suggest_float(k, d.low, d.high) for k, d in space.items()}
-        except GenerationBusy:  # lost a race with another worker
-            study.tell(trial, state=TrialState.FAIL)  # untagged: ignored by the sampler
-            continue
-        try:
-            value = evaluate(params)
-        except CandidateError:  # the candidate itself is bad (NaN, OOM, ...)
-            trial.set_user_attr(FAILURE_ATTR, CANDIDATE_FAILURE)
-            study.tell(trial, state=TrialState.FAIL)
-            continue
-        study.tell(trial, value)
-
-Multi-threaded use (``n_jobs > 1``) is serialized around the replay, but the
-global-RNG guard is process-wide: prefer processes for parallel workers.
+The global-RNG guard is process-wide (replays are serialized by a lock): prefer processes to
+threads for parallel workers.
 """
 
 from __future__ import annotations
@@ -102,7 +75,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -110,55 +83,18 @@ import numpy as np
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
-from optuna.trial import FrozenTrial, TrialState, create_trial
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, GENERATION, SLOT
 
 if TYPE_CHECKING:  # pycma is imported when first used (see _import_cma)
     import cma
 
-__all__ = [
-    "ALL_FAILED_VALUE",
-    "CANDIDATE_FAILURE",
-    "FAILURE_ATTR",
-    "GENERATION_KEY",
-    "SLOT_KEY",
-    "GenerationBusy",
-    "PyCmaSampler",
-    "ReplayMismatch",
-    "enqueue_retry",
-    "is_candidate_failure",
-    "retry_attrs",
-    "slot_of",
-    "told_values",
-]
-
-GENERATION_KEY = "pycma:generation"
-SLOT_KEY = "pycma:slot"
-FAILURE_ATTR = "failure"
-CANDIDATE_FAILURE = "candidate"
 ALL_FAILED_VALUE = 1e30
 """Value told for every slot of a generation in which no candidate completed."""
 
 _PENDING = (TrialState.RUNNING, TrialState.WAITING)
 _GLOBAL_RNG_LOCK = threading.Lock()
-
-
-class GenerationBusy(RuntimeError):
-    """All slots of the current generation are taken but not all finished.
-
-    Raised from the trial's first ``suggest_float`` (Optuna samples lazily).
-    The trial carries no ``pycma:*`` attrs, so the caller should end it (e.g.
-    ``study.tell(trial, state=TrialState.FAIL)``), wait for the pending trials
-    (:attr:`pending`, trial numbers) and ask again. :meth:`PyCmaSampler.is_busy`
-    checks beforehand, without creating a trial.
-    """
-
-    def __init__(self, generation: int, pending: Sequence[int]) -> None:
-        self.generation = generation
-        self.pending = list(pending)
-        super().__init__(
-            f"CMA generation {generation} has all slots taken; waiting for trials "
-            f"{self.pending} to finish before generation {generation + 1} can start"
-        )
 
 
 class ReplayMismatch(RuntimeError):
@@ -174,8 +110,8 @@ class ReplayMismatch(RuntimeError):
 
 def slot_of(trial: FrozenTrial) -> tuple[int, int] | None:
     """The ``(generation, slot)`` a trial was sampled for, or None."""
-    g = trial.system_attrs.get(GENERATION_KEY)
-    s = trial.system_attrs.get(SLOT_KEY)
+    g = trial.system_attrs.get(GENERATION)
+    s = trial.system_attrs.get(SLOT)
     if isinstance(g, int) and isinstance(s, int):
         return g, s
     return None
@@ -183,44 +119,11 @@ def slot_of(trial: FrozenTrial) -> tuple[int, int] | None:
 
 def is_candidate_failure(trial: FrozenTrial) -> bool:
     """True for a FAIL trial whose candidate itself was bad (it won't be retried)."""
-    return trial.state == TrialState.FAIL and trial.user_attrs.get(FAILURE_ATTR) == CANDIDATE_FAILURE
+    return trial.state == TrialState.FAIL and trial.user_attrs.get(FAILURE) == CANDIDATE_FAILURE
 
 
 def _is_killed(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and not is_candidate_failure(trial)
-
-
-def retry_attrs(trial: FrozenTrial) -> dict[str, int]:
-    """System attrs a retry of ``trial`` must carry (empty if it has no CMA slot)."""
-    slot = slot_of(trial)
-    return {} if slot is None else {GENERATION_KEY: slot[0], SLOT_KEY: slot[1]}
-
-
-def enqueue_retry(study: Study, trial: FrozenTrial, *, user_attrs: dict[str, Any] | None = None) -> bool:
-    """Enqueue a WAITING retry of a killed trial: same params, same CMA slot.
-
-    Returns False (enqueueing nothing) when there is nothing to retry: the
-    trial has no CMA slot (it was killed before sampling), or its slot is
-    already decided by another trial. Raises ValueError for a trial that isn't
-    a killed FAIL (a candidate failure is a finished slot, not a retry).
-    """
-    if not _is_killed(trial):
-        raise ValueError(f"trial {trial.number} is {trial.state.name}, not a killed (FAIL, no {FAILURE_ATTR!r}) trial")
-    attrs = retry_attrs(trial)
-    if not attrs:
-        return False
-    key = slot_of(trial)
-    for other in study.get_trials(deepcopy=False):
-        if other.number != trial.number and slot_of(other) == key and not _is_killed(other):
-            return False  # decided, or a retry is already pending
-    study.add_trial(
-        create_trial(
-            state=TrialState.WAITING,
-            system_attrs={"fixed_params": dict(trial.params), **attrs},
-            user_attrs={"retry_of": trial.number, **(user_attrs or {})},
-        )
-    )
-    return True
 
 
 # ------------------------------------------------------------------ generations
@@ -373,9 +276,6 @@ class PyCmaSampler(BaseSampler):
         sigma0: initial step size in normalized units (default 1/6).
         x0: initial mean in each distribution's own units (default: the middle
             of each range; missing names also take the middle).
-        lock: ``lock(study)`` returns a context manager under which a new
-            trial reads the study and records its slot; it must exclude other
-            workers on the same study (default: none, for a single worker).
     """
 
     def __init__(
@@ -386,7 +286,6 @@ class PyCmaSampler(BaseSampler):
         popsize: int | None = None,
         sigma0: float = 1 / 6,
         x0: dict[str, float] | None = None,
-        lock: Callable[[Study], AbstractContextManager[Any]] | None = None,
     ) -> None:
         _validate_space(search_space)
         n = len(search_space)
@@ -401,7 +300,6 @@ class PyCmaSampler(BaseSampler):
         self._sigma0 = float(sigma0)
         self._x0 = _normalized_x0(self._space, x0 or {})
         self._independent = RandomSampler(seed=seed)
-        self._lock = lock or (lambda study: nullcontext())
         # In-memory only (never stored): the strategy after the last replay, so a long-lived sampler
         # tells just the generations finished since, instead of replaying the whole history per trial.
         self._memo: tuple[list[list[float]], cma.CMAEvolutionStrategy, _GenerationRandn, list[np.ndarray]] | None = None
@@ -426,21 +324,19 @@ class PyCmaSampler(BaseSampler):
         _require_single_objective(study)
         if not search_space:
             return {}
-        carried = slot_of(trial)  # a retry carries the slot of the trial it replaces
-        if carried is None and "fixed_params" in trial.system_attrs:
+        slot = slot_of(trial)  # recorded by the worker that took the trial, or carried by a retry
+        if slot is None and "fixed_params" in trial.system_attrs:
             return {}  # a user-enqueued trial: not part of the CMA search
-        sign = _sign(study)
-        if carried is None:
-            with self._lock(study):  # read, choose and record the slot before another worker reads
-                generations = self._generations(study, trial)
-                finished, (g, s) = self._next_slot(generations, sign)
-                study._storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, g)
-                study._storage.set_trial_system_attr(trial._trial_id, SLOT_KEY, s)
-        else:
-            generations = self._generations(study, trial)
-            g, s = carried
-            finished = self._finished_before(generations, g, sign)
-        candidates = self._replay(finished, generations)
+        generations = _group([t for t in study.get_trials(deepcopy=False) if t.number != trial.number], self._popsize)
+        if slot is None:  # a single worker's study.optimize: the next free slot (see the module docstring)
+            slot = self._free_slot(generations, _sign(study))
+            if slot is None:
+                raise RuntimeError("every slot of the current CMA-ES generation is taken by a running trial; "
+                                   "with several workers, take trials through evomerge.search.workers.Worker")
+            study._storage.set_trial_system_attr(trial._trial_id, GENERATION, slot[0])  # as Optuna's samplers record
+            study._storage.set_trial_system_attr(trial._trial_id, SLOT, slot[1])
+        g, s = slot
+        candidates = self._replay(self._finished_before(generations, g, _sign(study)), generations)
         return self._to_params(candidates[s])
 
     def sample_independent(
@@ -454,35 +350,20 @@ class PyCmaSampler(BaseSampler):
 
     # -- public helpers --------------------------------------------------------
 
-    def is_busy(self, study: Study) -> bool:
-        """True if a new trial would raise :class:`GenerationBusy` right now."""
-        try:
-            self._next_slot(_group(study.get_trials(deepcopy=False), self._popsize), _sign(study))
-        except GenerationBusy:
-            return True
-        return False
+    def next_slot(self, study: Study) -> tuple[int, int] | None:
+        """The ``(generation, slot)`` a new trial should take: the lowest free slot of the first
+        unfinished generation; None while that generation's remaining slots are all held by
+        RUNNING/WAITING trials (its next candidates depend on their results)."""
+        return self._free_slot(_group(study.get_trials(deepcopy=False), self._popsize), _sign(study))
 
     # -- internals -------------------------------------------------------------
 
-    def _generations(self, study: Study, trial: FrozenTrial) -> dict[int, _Generation]:
-        return _group([t for t in study.get_trials(deepcopy=False) if t.number != trial.number], self._popsize)
-
-    def _next_slot(
-        self, generations: dict[int, _Generation], sign: float
-    ) -> tuple[list[list[float]], tuple[int, int]]:
-        """Told values of the finished prefix, and the (generation, slot) to take."""
-        finished: list[list[float]] = []
+    def _free_slot(self, generations: dict[int, _Generation], sign: float) -> tuple[int, int] | None:
         g = 0
-        while True:
-            gen = generations.get(g, _Generation(g, self._popsize, {}))
-            outcomes = gen.outcomes(sign)
-            if outcomes is None:
-                slot = gen.free_slot()
-                if slot is None:
-                    raise GenerationBusy(g, gen.pending())
-                return finished, (g, slot)
-            finished.append(told_values(outcomes))
+        while generations.get(g, _Generation(g, self._popsize, {})).outcomes(sign) is not None:
             g += 1
+        slot = generations.get(g, _Generation(g, self._popsize, {})).free_slot()
+        return None if slot is None else (g, slot)
 
     def _finished_before(self, generations: dict[int, _Generation], g: int, sign: float) -> list[list[float]]:
         finished = []

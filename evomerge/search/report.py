@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.config import RunConfig
+from evomerge.search.identity import settings
 from evomerge.search.archive import ArchiveEntry, completed, hypervolume, hypervolume_history, pareto_archive
 
 if TYPE_CHECKING:
@@ -27,7 +28,8 @@ def status_text(config: RunConfig, study: optuna.Study) -> str:
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
     names, directions = _objectives(config)
     done = completed(study, names)
-    lines = [f"study {config.study_name!r} ({config.sampler}, seed {config.seed})",
+    made = settings(study)
+    lines = [f"study {config.study_name!r} ({made.get('sampler', config.sampler)}, seed {made.get('seed', config.seed)})",
              f"trials: {count[TrialState.COMPLETE]} done / {config.n_trials} budget, {count[TrialState.FAIL]} failed, "
              f"{count[TrialState.RUNNING]} running, {count[TrialState.WAITING]} waiting"]
     for name, direction in zip(names, directions):
@@ -104,20 +106,17 @@ def run_with_progress(search: "Search", quiet: bool = False) -> None:
     """`search.run()` with a progress bar (trials done, best scalarized value, ETA) and one line per trial."""
     from tqdm import tqdm
 
-    from evomerge.search.study import redact
+    from evomerge.search.storage import redact
 
     config = search.config
     done = search.counts()[TrialState.COMPLETE]
     print(f"study {config.study_name!r} in {redact(config.storage)}: {done}/{config.n_trials} trials done, "
           f"sampler {config.sampler}")
+    print(f"models loaded on {search.backend.device} in {search.load_seconds:.1f} s")
     best: list[float | None] = [None]
-    announced = [False]
     with tqdm(total=config.n_trials, initial=min(done, config.n_trials), unit="trial", dynamic_ncols=True,
               disable=quiet) as bar:
         def on_trial(n_done: int, record: dict[str, Any]) -> None:
-            if not announced[0] and search.load_seconds is not None:  # a resumed search loads them after its first proposal
-                bar.write(f"models loaded on {search.materializer.device} in {search.load_seconds:.1f} s")
-                announced[0] = True
             bar.n = min(n_done, config.n_trials)
             if record.get("value") is not None and (best[0] is None or record["value"] > best[0]):
                 best[0] = record["value"]

@@ -20,9 +20,10 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import RunConfig
+from evomerge.search.attrs import RETRY_HISTORY
 from evomerge.search.cma_sampler import PyCmaSampler
 from evomerge.search.genome import Genome
-from evomerge.search.study import RETRY_HISTORY, count_fresh_before, slot_lock
+from evomerge.search.storage import Database
 
 
 def trial_seed(seed: int, place: int) -> int:
@@ -30,20 +31,20 @@ def trial_seed(seed: int, place: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def fresh_place(study: Study, trial: FrozenTrial) -> int:
-    """How many fresh trials (not retries) precede the trial, or the trial it retries."""
-    return count_fresh_before(study, trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0])
-
-
 class TrialSeeded(BaseSampler):
     """A sampler built anew for each trial by `build(seed)`, seeded from (run seed, fresh place)."""
 
-    def __init__(self, build: Callable[[int], BaseSampler], seed: int):
-        self._build, self._seed = build, seed
+    def __init__(self, build: Callable[[int], BaseSampler], seed: int, db: Database):
+        self._build, self._seed, self._db = build, seed, db
         self._inner = build(seed)
 
+    def fresh_place(self, study: Study, trial: FrozenTrial) -> int:
+        """How many fresh trials (not retries) precede the trial, or the trial it retries."""
+        first = trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0]
+        return self._db.count_fresh_before(self._db.study_id(study.study_name), first)
+
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        self._inner = self._build(trial_seed(self._seed, fresh_place(study, trial)))
+        self._inner = self._build(trial_seed(self._seed, self.fresh_place(study, trial)))
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -60,15 +61,15 @@ class TrialSeeded(BaseSampler):
         self._inner.after_trial(study, trial, state, values)
 
 
-def make_sampler(config: RunConfig, genome: Genome) -> BaseSampler:
+def make_sampler(config: RunConfig, genome: Genome, db: Database) -> BaseSampler:
     """The run's sampler; one instance serves the whole run (CMA-ES keeps an in-memory memo
     that spares replaying the whole history on every trial)."""
     options = dict(config.sampler_options)
     if config.sampler == "cmaes":
-        return PyCmaSampler(genome.distributions, seed=config.seed, x0=genome.x0, lock=slot_lock, **options)
+        return PyCmaSampler(genome.distributions, seed=config.seed, x0=genome.x0, **options)
     if config.sampler == "nsga2":
         options.setdefault("population_size", 16)
-        return TrialSeeded(lambda seed: optuna.samplers.NSGAIISampler(seed=seed, **options), config.seed)
+        return TrialSeeded(lambda seed: optuna.samplers.NSGAIISampler(seed=seed, **options), config.seed, db)
     if config.sampler == "tpe":
-        return TrialSeeded(lambda seed: optuna.samplers.TPESampler(seed=seed, **options), config.seed)
-    return TrialSeeded(lambda seed: optuna.samplers.RandomSampler(seed=seed), config.seed)
+        return TrialSeeded(lambda seed: optuna.samplers.TPESampler(seed=seed, **options), config.seed, db)
+    return TrialSeeded(lambda seed: optuna.samplers.RandomSampler(seed=seed), config.seed, db)

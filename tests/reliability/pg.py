@@ -73,6 +73,20 @@ class Cluster:
                    "-c full_page_writes=off -c max_connections=100")
         self._run(_binary("pg_ctl"), "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-o", options, "-w", "start")
 
+    def _pg_ctl(self, *args: str) -> None:
+        self._run(_binary("pg_ctl"), "-D", str(self.root / "data"), "-l", str(self.root / "log"), *args)
+
+    def restart(self) -> None:
+        """A fast shutdown (every connection terminated, as on a failover or an upgrade) and a start."""
+        self._pg_ctl("-m", "fast", "-w", "restart")
+
+    def halt(self) -> None:
+        """Stopped until `resume()`: clients cannot connect."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        self._pg_ctl("-w", "start")
+
     def _owner(self) -> tuple[int, int]:
         stat = self.root.stat()
         return stat.st_uid, stat.st_gid

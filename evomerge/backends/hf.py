@@ -1,0 +1,74 @@
+"""The Hugging Face backend: one candidate model written in place, scored through lm-eval's HF
+model class.
+
+A parameter-space candidate is the same module object every trial, so its lm-eval wrapper is
+built once; a routed candidate is a new module object, and gets a new wrapper (lm-eval's HFLM
+keeps the model's config and device from when it was built, so it is never re-pointed)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from evomerge.backends import Candidate
+from evomerge.fitness import candidate_costs
+from evomerge.merge.materialize import Materializer
+from evomerge.recipe import Recipe
+
+
+class HfBackend:
+    def __init__(self, materializer: Materializer, tokenizer_path: str | Path, batch_size: int = 32):
+        self.materializer, self.batch_size = materializer, batch_size
+        self.device, self.n_layers = materializer.device, materializer.n_layers
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self._wrapped: tuple[PreTrainedModel, Any] | None = None
+
+    def materialize(self, recipe: Recipe) -> Candidate:
+        model = self.materializer.apply(recipe)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()  # the merge's time is the merge's, not the first forward's
+        return Candidate(candidate_costs(model), model, make_lm=lambda: self._lm(model))
+
+    def _lm(self, model: PreTrainedModel) -> Any:
+        if self._wrapped is None or self._wrapped[0] is not model:
+            self._wrapped = (model, quiet_hflm(model, self.tokenizer, self.batch_size))
+        return self._wrapped[1]
+
+
+def as_candidate(model: PreTrainedModel, tokenizer: Any, batch_size: int = 32) -> Candidate:
+    """Any live HF model (a source, a reloaded export) as a candidate to score; `tokenizer` is a
+    tokenizer or the checkpoint folder it is read from."""
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return Candidate(candidate_costs(model), model, make_lm=lambda: quiet_hflm(model, tokenizer, batch_size))
+
+
+def quiet_hflm(model: PreTrainedModel, tokenizer: Any, batch_size: int) -> Any:
+    """lm-eval's HF model class around a live model (see `_quiet_hflm_class`)."""
+    from evomerge.evaluate import quiet
+
+    with quiet():  # it warns that a live model object skips its loading options: intended
+        return _quiet_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+
+
+@functools.cache
+def _quiet_hflm_class() -> type:
+    """lm-eval's HF model class with its per-call progress bars off (it passes `disable=`
+    explicitly, so they cannot be silenced from outside)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
