@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.refs import local_dir
 
 LINEAR = "linear"  # branch output linear in the parameter: divide it by the running scale
 ONE_PLUS = "one_plus"  # Gemma RMSNorm after the branch, output * (1 + weight): (1 + weight) / scale - 1
@@ -66,13 +65,13 @@ def layout_for(config: dict[str, Any], ref: str) -> RoutingLayout:
 
 
 def check_routable(ref: str) -> None:
-    """Refuse, from config.json alone, a model that layer routing cannot handle. A hub id not
-    downloaded yet is checked when its weights load."""
-    path = local_dir(ref)
-    if path is None or not (Path(path) / "config.json").is_file():
+    """Refuse, from config.json alone, a model that layer routing cannot handle. A hub id (not
+    downloaded yet) is checked when its weights load; a missing model is reported where it is loaded."""
+    path = Path(ref).expanduser() / "config.json"
+    if not path.is_file():
         return
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise EvomergeError(f"model {ref!r}: cannot read its config.json: {exc}") from None
     layout_for(config, ref)
