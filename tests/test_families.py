@@ -192,6 +192,11 @@ def test_export_reloads_in_transformers_and_evomerge_with_equal_logits(family, f
     torch.testing.assert_close(logits(again.apply(identity)), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_mergekit_filters_are_the_checkpoints_own_layer_prefixes(family, folder, zoo):
+    assert materializer(family, folder, zoo).layer_prefixes() == [family.layer_prefix.format(i) for i in range(N_LAYERS)]
+
+
 def scaled_route(paths: list[Path]) -> list[tuple[str, int, float]]:
     a, b = str(paths[1]), str(paths[2])
     return [(a, 0, 1.0), (b, 1, 0.7), (a, 1, 1.0), (a, 1, 1.6), (b, 2, 1.0), (a, 2, 1.2)]
@@ -234,7 +239,11 @@ def test_route_folds_exactly_exports_and_generates_alike_with_and_without_cache(
     assert torch.equal(greedy(model, True), greedy(model, False))
     out = save_checkpoint(m, recipe, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert reloaded.config.get_text_config(decoder=True).num_hidden_layers == len(steps)
+    text = reloaded.config.get_text_config(decoder=True)
+    assert text.num_hidden_layers == len(steps)
+    source_types = getattr(m.sources[str(paths[1])].config.get_text_config(decoder=True), "layer_types", None)
+    if source_types is not None:  # sliding-window or full attention, as each step's source layer has it
+        assert text.layer_types == [source_types[layer] for _, layer, _ in steps]
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
     assert torch.equal(greedy(reloaded, True), greedy(reloaded, False))
     assert torch.equal(greedy(reloaded, True), greedy(m.apply(recipe), True))
