@@ -118,16 +118,19 @@ def check_hidden_sizes(sources: list[Source]) -> None:
                             "combine them: use models of one architecture and size")
 
 
-def check_tensors(first: Source, other: Source, tensors: dict[str, dict[str, torch.Tensor]], vocab_rows: set[str],
-                  rows_may_differ: bool) -> None:
-    """Floating point, same shapes everywhere; rows of the `vocab_rows` tensors (embeddings, head) may
-    differ when a tokenizer_source re-indexes them."""
+def check_floating_point(ref: str, tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise EvomergeError(f"model {ref!r} stores {name} as {str(tensor.dtype).removeprefix('torch.')}: merging "
+                                "needs floating-point weights (a quantized checkpoint?): use unquantized weights")
+
+
+def check_shapes(first: Source, other: Source, tensors: dict[str, dict[str, torch.Tensor]], vocab_rows: set[str],
+                 rows_may_differ: bool) -> None:
+    """Same shapes everywhere; rows of the `vocab_rows` tensors (embeddings, head) may differ when a
+    tokenizer_source re-indexes them."""
     for name, tensor in tensors[first.ref].items():
         theirs = tensors[other.ref][name]
-        for source, t in ((first, tensor), (other, theirs)):
-            if not t.is_floating_point():
-                raise EvomergeError(f"model {source.ref!r} stores {name} as {str(t.dtype).removeprefix('torch.')}: "
-                                    "merging needs floating-point weights (a quantized checkpoint?): use unquantized weights")
         if tensor.shape == theirs.shape or (rows_may_differ and name in vocab_rows and tensor.shape[1:] == theirs.shape[1:]):
             continue
         if name in vocab_rows:
@@ -175,8 +178,10 @@ class SourceSet:
         self.n_layers = len(layers)
         self.tensors = {s.ref: aligned(s, self.weights, shell) for s in listed}
         self.vocab_rows = vocab_tensors(shell, self.weights)
+        for source in listed:
+            check_floating_point(source.ref, self.tensors[source.ref])
         for other in listed[1:]:
-            check_tensors(first, other, self.tensors, self.vocab_rows, rows_may_differ=tokenizer_source is not None)
+            check_shapes(first, other, self.tensors, self.vocab_rows, rows_may_differ=tokenizer_source is not None)
         self.vocabulary = None if tokenizer_source is None else self._reindex(tokenizer_source)
         self.shell = shell if self.vocabulary is None else build_model(self.config, torch.float32, "meta", trust_remote_code)
         self.weights.check(self.shell, {n: t.shape for n, t in self.tensors[first.ref].items()}, first.ref)

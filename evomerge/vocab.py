@@ -52,16 +52,16 @@ def union(base: PreTrainedTokenizerBase, others: list[tuple[PreTrainedTokenizerB
         base.save_pretrained(tmp)
         out = AutoTokenizer.from_pretrained(tmp)
     known = set(out.get_vocab())
-    plain, added = [], {}
+    plain, added = {}, {}  # dicts as ordered sets
     for tokenizer, rows in others:
         special = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
         vocab = tokenizer.get_vocab()
         for token in sorted((t for t, i in vocab.items() if i < rows), key=vocab.get):
             if token in special:
                 added.setdefault(token, special[token])
-            elif token not in known and token not in plain:
-                plain.append(token)
-    out.add_tokens(plain)
+            elif token not in known:
+                plain.setdefault(token, None)
+    out.add_tokens(list(plain))
     out.add_tokens([t for content, t in added.items() if content not in known])
     return out
 
