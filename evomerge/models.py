@@ -184,13 +184,13 @@ class SourceSet:
             check_shapes(first, other, self.tensors, self.vocab_rows, rows_may_differ=tokenizer_source is not None)
         self.vocabulary = None if tokenizer_source is None else self._reindex(tokenizer_source)
         self.shell = shell if self.vocabulary is None else build_model(self.config, torch.float32, "meta", trust_remote_code)
-        self.weights.check(self.shell, {n: t.shape for n, t in self.tensors[first.ref].items()}, first.ref)
+        self.weights.check(self.shell, {n: t.shape for n, t in self.reference.items()}, first.ref)
 
     def _reindex(self, tokenizer_source: str):
         """The output vocabulary; every model's embedding and head rows re-indexed to it."""
         from evomerge import vocab  # tokenizers load only when a recipe asks for a tokenizer_source
 
-        base, name = next(iter(self.sources)), min(self.vocab_rows)
+        base, name = next(iter(self.sources)), min(self.vocab_rows)  # any of them: they share their rows
         rows = {ref: tensors[name].shape[0] for ref, tensors in self.tensors.items()}
         vocabulary = vocab.build_vocabulary(tokenizer_source, {r: s.path for r, s in self.sources.items()}, rows,
                                             self.trust_remote_code)
@@ -199,6 +199,11 @@ class SourceSet:
                 self.tensors[ref][name] = tensor
         vocab.configure(self.config, vocabulary, self.sources[vocabulary.source].config)
         return vocabulary
+
+    @property
+    def reference(self) -> dict[str, torch.Tensor]:
+        """The first model's tensors, whose names every source's tensors go by."""
+        return next(iter(self.tensors.values()))
 
     def check_loaded(self, refs: list[str]) -> None:
         unknown = [r for r in refs if r not in self.sources]

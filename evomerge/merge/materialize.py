@@ -111,10 +111,14 @@ class Materializer:
         for name, tensor in merged_tensors(recipe, self.inputs, out=self._target):
             self._write(name, tensor)
 
-    def _target(self, name: str) -> torch.Tensor | None:
-        """The candidate parameter a checkpoint tensor is, to merge straight into; None for fused members."""
+    def _target(self, name: str) -> torch.Tensor:
+        """The candidate parameter a checkpoint tensor is, to merge straight into; for a member of a fused
+        parameter, a tensor of the parameter's dtype that holds it until the group is complete."""
         target = self.inputs.weights.targets[name]
-        return self._params[target.param].data if target.pattern is None else None
+        param = self._params[target.param].data
+        if target.pattern is None:
+            return param
+        return torch.empty(self.inputs.reference[name].shape, dtype=param.dtype, device=param.device)
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         """Fused parameters are written once all their checkpoint tensors are merged."""
