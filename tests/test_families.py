@@ -1,8 +1,9 @@
 """Real checkpoint layouts, one tiny random model family at a time (built with transformers,
 saved with save_pretrained): merges under the checkpoint's own names equal merges computed
 by hand from the safetensors files, per-layer-group values reach every layer, exports reload
-in transformers (and evomerge) with equal logits, and routes, where the family supports
-them, fold exactly and generate the same tokens with and without the KV cache.
+in transformers (and evomerge) with equal logits, routes, where the family supports them,
+fold exactly and generate the same tokens with and without the KV cache, and an expert with
+an added token merges with `tokenizer_source: union`.
 
 The references here know each family's checkpoint naming (`model.layers.N.`, hub GPT-2's
 `h.N.`, Gemma 3's `language_model.model.layers.N.`, Mixtral's per-expert `w1/w2/w3`)
@@ -10,6 +11,7 @@ independently of evomerge, which reads it from transformers' conversion mapping.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Callable
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig,
+from transformers import (AddedToken, AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig,
                           LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config,
                           Qwen3MoeConfig)
 
@@ -261,3 +263,40 @@ def test_families_without_a_routing_layout_are_refused_from_their_config(family,
 @pytest.mark.parametrize("family", ROUTABLE, ids=lambda f: f.name)
 def test_routable_families_pass_the_config_check(family, folder, zoo):
     check_routable(str(build(family, folder, zoo)[0]))
+
+
+def with_added_token(path: Path, target: Path) -> Path:
+    """A copy of the model whose tokenizer adds the special token <x>, with a new random row in every
+    tensor that has one row per token (embeddings, an untied head)."""
+    shutil.copytree(path, target)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_tokens([AddedToken("<x>", special=True)])
+    tokenizer.save_pretrained(target)
+    tensors = load_file(target / "model.safetensors")
+    for name, tensor in tensors.items():
+        if tensor.shape[0] == 43:
+            tensors[name] = torch.cat([tensor, torch.randn((1, *tensor.shape[1:]))])
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config.get("text_config", config)["vocab_size"] = 44
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_union_tokenizer_merges_an_expert_with_an_added_token(family, folder, zoo, tmp_path):
+    paths = build(family, folder, zoo)
+    extra = with_added_token(paths[1], tmp_path / "extra")
+    m = Materializer([str(paths[0]), str(extra)], dtype="float32", device="cpu", tokenizer_source="union")
+    recipe = Recipe.from_dict({"method": "linear", "dtype": "float32", "tokenizer_source": "union",
+                               "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in (paths[0], extra)]})
+    merged = dict(merged_tensors(recipe, m.inputs))
+    own = {k.removeprefix(family.hub_prefix) if family.hub_prefix else k: v
+           for k, v in load_file(extra / "model.safetensors").items()}
+    per_token = [name for name, tensor in own.items() if tensor.shape[0] == 44]
+    assert per_token and all(torch.equal(merged[name][43], own[name][43]) for name in per_token)
+    expected = logits(m.apply(recipe), torch.tensor([[1, 43, 5, 9]]))
+    out = save_checkpoint(m, recipe, tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(out)("<x>", add_special_tokens=False)["input_ids"] == [43]
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(reloaded, torch.tensor([[1, 43, 5, 9]])), expected, rtol=0, atol=1e-5)
