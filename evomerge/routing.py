@@ -189,16 +189,21 @@ class Router:
         *path, leaf = self.inputs.layers_path.split(".")
         model = node = shallow_copy(self.shell)
         source = embed
-        for name in [*path, None]:
-            for child, module in node._modules.items():
-                if child != (name or leaf) and any(True for _ in module.parameters()):
-                    node._modules[child] = source._modules[child]
-            node._parameters.update(source._parameters)
-            if getattr(node, "config", None) is not None and id(node.config) in configs:
-                node.config = configs[id(node.config)]
-            if name is None:
-                break
+        for name in path:
+            _adopt(node, source, name, configs)
             node._modules[name] = shallow_copy(node._modules[name])
             node, source = node._modules[name], source._modules[name]
+        _adopt(node, source, leaf, configs)
         node._modules[leaf] = nn.ModuleList(layers)
         return model
+
+
+def _adopt(node: nn.Module, source: nn.Module, skip: str, configs: dict[int, PretrainedConfig]) -> None:
+    """Give a copied module the embedding source's weights (every child but `skip` that has any)
+    and the routed config in place of the candidate's."""
+    for child, module in node._modules.items():
+        if child != skip and any(True for _ in module.parameters()):
+            node._modules[child] = source._modules[child]
+    node._parameters.update(source._parameters)
+    if id(getattr(node, "config", None)) in configs:
+        node.config = configs[id(node.config)]
