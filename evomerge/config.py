@@ -23,6 +23,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.fitness import FitnessSpec
+from evomerge.routing_layouts import check_routable
 from evomerge.search.genome import SearchSpace
 from evomerge.yamlio import check_keys, load_yaml_mapping
 
@@ -102,6 +103,12 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
     if base is not None and not isinstance(base, str):
         raise _err(where, "base_model", "a model path or hub id", base)
     space = SearchSpace.load(_existing(data["search_space"], where, "search_space"))
+    if space.route is not None:  # before any study exists: a layout routing cannot fold is refused now
+        for ref in [*([base] if base else []), *models]:
+            try:
+                check_routable(ref)
+            except EvomergeError as exc:
+                raise EvomergeError(f"{where}: search_space {data['search_space']} routes layers: {exc}") from None
     fitness = FitnessSpec.load(_existing(data["fitness"], where, "fitness"))
     sampler, sampler_options = _sampler(data.get("sampler", "cmaes"), where)
     if sampler == "cmaes" and len(fitness.objectives) > 1 and not fitness.scalarization:

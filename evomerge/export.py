@@ -1,5 +1,7 @@
 """Saving a materialized candidate as an ordinary Hugging Face checkpoint: safetensors
-weights, config, tokenizer, the recipe, and the mergekit config when one exists.
+weights (under the names transformers saves, fused MoE experts split back), config,
+tokenizer with the chosen chat template, the tokenizer model's generation_config.json as it
+ships (eos lists and sampling defaults kept), the recipe, and the mergekit config when one exists.
 
 Writes into a temporary sibling directory and renames it at the end, so an interrupted
 export never leaves a half-written checkpoint under the requested name."""
@@ -11,12 +13,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.materialize import Materializer
 from evomerge.mergekit_yaml import mergekit_yaml
-from evomerge.recipe import Recipe, layer_prefix
+from evomerge.recipe import Recipe
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
@@ -39,12 +41,12 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
         raise EvomergeError(f"cannot write in {out.parent}: {exc.strerror}") from None
     try:
         model = materializer.model
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=unshared_state_dict(model))
-        tokenizer_path = materializer.sources[recipe.primary_model].path
-        AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True,
+                              state_dict=unshared_state_dict(model, materializer.inputs.layers_path))
+        template = save_tokenizer(materializer, recipe, tmp, trust_remote_code)
         recipe.save(tmp / "recipe.yaml")
         try:
-            (tmp / "mergekit.yaml").write_text(mergekit_yaml(recipe, materializer.layer_prefixes()))
+            (tmp / "mergekit.yaml").write_text(mergekit_yaml(recipe, materializer.layer_prefixes(), template))
         except EvomergeError as exc:
             (tmp / "mergekit.yaml.txt").write_text(f"No mergekit equivalent: {exc}\n")
         if out.exists():
@@ -55,12 +57,39 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
     return out
 
 
-def unshared_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_remote_code: bool) -> str | None:
+    """The merged model's tokenizer (a tokenizer_source's, else the primary model's), with the recipe's
+    chat template, and that model's generation_config.json. Returns the chat template set, if any."""
+    vocabulary = materializer.inputs.vocabulary
+    source = vocabulary.source if vocabulary else recipe.primary_model
+    path = materializer.sources[source].path
+    tokenizer = vocabulary.tokenizer if vocabulary else _tokenizer(path, trust_remote_code)
+    tokenizer.save_pretrained(out)
+    template = recipe.chat_template
+    if template in materializer.sources:
+        template = _tokenizer(materializer.sources[template].path, trust_remote_code).chat_template
+        if template is None:
+            raise EvomergeError(f"chat_template: model {recipe.chat_template!r} has no chat template")
+    if template is not None:
+        saved = _tokenizer(out, trust_remote_code)  # a fresh copy: the source's tokenizer object stays as it is
+        saved.chat_template = template
+        saved.save_pretrained(out)
+    if (path / "generation_config.json").is_file():
+        shutil.copyfile(path / "generation_config.json", out / "generation_config.json")
+    return template
+
+
+def _tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def unshared_state_dict(model: PreTrainedModel, layers_path: str) -> dict[str, torch.Tensor]:
     """A route may use one layer twice, so two positions share storage; a plain checkpoint
-    stores every layer on its own (safetensors refuses shared tensors), so repeats are copied."""
+    stores every layer on its own (safetensors refuses shared tensors), so repeats are copied.
+    Tied embeddings stay shared: save_pretrained drops the tied copy itself."""
     state, seen = model.state_dict(), set()
     for name, tensor in state.items():
-        if layer_prefix(name) is not None and tensor.data_ptr() in seen:
+        if name.startswith(layers_path + ".") and tensor.data_ptr() in seen:
             state[name] = tensor.clone()
         seen.add(tensor.data_ptr())
     return state

@@ -2,8 +2,10 @@
 merge in mergekit.
 
 Per-group values become mergekit conditional parameters: one `{filter: "model.layers.N.",
-value: ...}` per decoder layer (mergekit matches filters as substrings of tensor names,
-first match wins) and a final unfiltered value for embeddings, final norm and head.
+value: ...}` per decoder layer, with the prefix the checkpoint itself uses (`h.N.` for hub
+GPT-2; mergekit matches filters as substrings of tensor names, first match wins) and a final
+unfiltered value for embeddings, final norm and head. `tokenizer_source` and the chat
+template carry over as mergekit's keys of the same names.
 Arithmetic is pinned to float32 (`dtype`), as evomerge computes it.
 
 A route becomes mergekit's `passthrough` slices (runs of consecutive layers of one model),
@@ -33,8 +35,9 @@ def _setting(value: Any, layer_prefixes: list[str], granularity: int) -> Any:
     return per_layer + [{"value": value[-1]}]
 
 
-def to_mergekit(recipe: Recipe, layer_prefixes: list[str]) -> dict[str, Any]:
-    """mergekit 0.1.x config dict for `recipe` on a model whose decoder layers have these name prefixes."""
+def to_mergekit(recipe: Recipe, layer_prefixes: list[str], chat_template: str | None = None) -> dict[str, Any]:
+    """mergekit 0.1.x config dict for `recipe` on a model whose decoder layers have these checkpoint-name
+    prefixes; `chat_template` is the template text (mergekit takes a template, not a model)."""
     if recipe.parameters.get("rescale_mode", "l1") != "l1":
         raise EvomergeError("rescale_mode inverse_density (the DARE paper's rescale) has no mergekit equivalent")
     config: dict[str, Any] = {"merge_method": recipe.method}
@@ -51,10 +54,14 @@ def to_mergekit(recipe: Recipe, layer_prefixes: list[str]) -> dict[str, Any]:
         config["parameters"] = options
     config["dtype"] = "float32"
     config["out_dtype"] = recipe.dtype
+    if recipe.tokenizer_source is not None:
+        config["tokenizer_source"] = recipe.tokenizer_source
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     return config
 
 
-def passthrough(route: Route, dtype: str) -> dict[str, Any]:
+def passthrough(route: Route, dtype: str, chat_template: str | None = None) -> dict[str, Any]:
     """mergekit 0.1.x passthrough config walking the same path as an unscaled route over original models."""
     if any(step.scale != 1.0 for step in route.layers):
         raise EvomergeError("the route scales hidden states (scale != 1), which mergekit's passthrough slices do not "
@@ -70,17 +77,18 @@ def passthrough(route: Route, dtype: str) -> dict[str, Any]:
         else:
             runs.append([step.model, step.layer, step.layer + 1])
     slices = [{"sources": [{"model": model, "layer_range": [start, end]}]} for model, start, end in runs]
-    return {"slices": slices, "merge_method": "passthrough", "dtype": dtype}
+    return {"slices": slices, "merge_method": "passthrough", "dtype": dtype,
+            **({"chat_template": chat_template} if chat_template is not None else {})}
 
 
-def mergekit_yaml(recipe: Recipe, layer_prefixes: list[str]) -> str:
+def mergekit_yaml(recipe: Recipe, layer_prefixes: list[str], chat_template: str | None = None) -> str:
     if recipe.route is not None:
         if recipe.method is not None:
             raise EvomergeError("the route reads this recipe's parameter-space merge: mergekit would need two configs "
                                 "(the merge, then passthrough slices over the merged checkpoint)")
-        return yaml.safe_dump(passthrough(recipe.route, recipe.dtype), sort_keys=False)
+        return yaml.safe_dump(passthrough(recipe.route, recipe.dtype, chat_template), sort_keys=False)
     note = ""
     if get_method(recipe.method).random:
         note = ("# DARE/DELLA masks in mergekit come from its own random stream, not this recipe's seed:\n"
                 "# the result matches evomerge's in distribution, not bit for bit.\n")
-    return note + yaml.safe_dump(to_mergekit(recipe, layer_prefixes), sort_keys=False)
+    return note + yaml.safe_dump(to_mergekit(recipe, layer_prefixes, chat_template), sort_keys=False)

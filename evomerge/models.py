@@ -1,24 +1,35 @@
 """Loading source models: local directories or hub ids, safetensors unless the user opts in
-to pickle, remote code only on request, and the compatibility checks a merge needs."""
+to pickle, remote code only on request, and the compatibility checks a merge needs.
+
+Weight files are chosen as transformers chooses them: the safetensors index when there is
+one, else `model.safetensors` (pickle: `pytorch_model.bin[.index.json]`), never every file in
+the folder (Mistral ships a `consolidated.safetensors` in another naming beside its HF weights).
+A damaged file, a shard the index names but the folder lacks, or a quantized checkpoint is one
+line that says which file and what to do.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from evomerge.errors import EvomergeError
+from evomerge.layouts import WeightMap, build_model, decoder_layers, text_config
 from evomerge.refs import resolve_path
 
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 
 @dataclass
 class Source:
-    """One model's weights resident on the merge device, with its config and directory."""
+    """One model's weights resident on the merge device, under its checkpoint's names, with its config and directory."""
 
     ref: str
     path: Path
@@ -33,29 +44,55 @@ def load_config(path: Path, ref: str, trust_remote_code: bool) -> PretrainedConf
     if "auto_map" in raw and not trust_remote_code:
         raise EvomergeError(f"model {ref!r} ships its own model code (auto_map in config.json); "
                             "pass --trust-remote-code only if you trust that code")
+    if "quantization_config" in raw:
+        method = raw["quantization_config"].get("quant_method", "?") if isinstance(raw["quantization_config"], dict) else "?"
+        raise EvomergeError(f"model {ref!r} is quantized ({method}); merging needs its floating-point weights: "
+                            "use the unquantized checkpoint")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as exc:
         raise EvomergeError(f"model {ref!r}: cannot read its config: {str(exc).splitlines()[0]}") from None
 
 
+def weight_files(path: Path, ref: str, allow_pickle: bool) -> tuple[list[Path], bool]:
+    """The files transformers would load, and whether they are pickles."""
+    for index, single, pickled in ((SAFETENSORS_INDEX, SAFETENSORS, False), (PICKLE_INDEX, PICKLE, True)):
+        if (path / index).is_file() or (path / single).is_file():
+            if pickled and not allow_pickle:
+                raise EvomergeError(f"model {ref!r} has only pickle weights ({single}), which can run code when loaded; "
+                                    "convert it to safetensors or pass --allow-pickle")
+            return (_shards(path, index, ref) if (path / index).is_file() else [path / single]), pickled
+    others = sorted(p.name for p in path.glob("*.safetensors"))
+    found = f" (it has {', '.join(others)}, which transformers does not load as this model either)" if others else ""
+    raise EvomergeError(f"model {ref!r}: no {SAFETENSORS} or {SAFETENSORS_INDEX} in {path}{found}")
+
+
+def _shards(path: Path, index: str, ref: str) -> list[Path]:
+    try:
+        weight_map = json.loads((path / index).read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise EvomergeError(f"model {ref!r}: {path / index} is not a valid index (no weight_map); "
+                            "download the model again") from None
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise EvomergeError(f"model {ref!r}: {index} names {missing[0]}, which is not in {path}; "
+                            "the download is incomplete: download the model again")
+    return [path / n for n in names]
+
+
 def load_tensors(path: Path, ref: str, device: torch.device, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All weights of a checkpoint directory, in their stored dtype, on `device`."""
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        tensors: dict[str, torch.Tensor] = {}
-        for f in files:
-            tensors.update(load_file(f, device=str(device)))
-        return tensors
-    pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
-    if not pickles:
-        raise EvomergeError(f"model {ref!r}: no weights (*.safetensors) in {path}")
-    if not allow_pickle:
-        raise EvomergeError(f"model {ref!r} has only pickle weights ({pickles[0].name}), which can run code when loaded; "
-                            "convert it to safetensors or pass --allow-pickle")
-    tensors = {}
-    for f in pickles:
-        tensors.update(torch.load(f, map_location=device, weights_only=True))
+    files, pickled = weight_files(path, ref, allow_pickle)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(torch.load(f, map_location=device, weights_only=True) if pickled
+                           else load_file(f, device=str(device)))
+        except Exception as exc:  # safetensors and torch.load raise their own types for a damaged file
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EvomergeError(f"model {ref!r}: cannot read {f.name} ({detail}); the file is damaged or "
+                                "incomplete: download the model again") from None
     return tensors
 
 
@@ -65,26 +102,142 @@ def load_source(ref: str, device: torch.device, *, allow_pickle: bool = False, t
     return Source(ref, path, config, load_tensors(path, ref, device, allow_pickle=allow_pickle))
 
 
-def check_compatible(sources: list[Source]) -> None:
-    """Same architecture, same tensor names and shapes; a vocabulary mismatch gets its own message."""
+def check_architectures(sources: list[Source]) -> None:
     first = sources[0]
     for other in sources[1:]:
         if first.config.architectures != other.config.architectures or first.config.model_type != other.config.model_type:
             raise EvomergeError(f"models {first.ref!r} ({first.config.model_type}) and {other.ref!r} "
                                 f"({other.config.model_type}) have different architectures; merging needs one architecture")
-        missing = sorted(set(first.tensors) ^ set(other.tensors))
-        if missing:
-            raise EvomergeError(f"models {first.ref!r} and {other.ref!r} have different tensors (e.g. {missing[0]!r}); "
-                                "they are not the same architecture and size")
-        for name, tensor in first.tensors.items():
-            if tensor.shape != other.tensors[name].shape:
-                if "embed" in name or "lm_head" in name:
-                    raise EvomergeError(
-                        f"models {first.ref!r} and {other.ref!r} have different vocabulary sizes "
-                        f"({tensor.shape[0]} vs {other.tensors[name].shape[0]} rows in {name}); "
-                        "merge only models that share one tokenizer")
-                raise EvomergeError(f"models {first.ref!r} and {other.ref!r} differ in shape at {name}: "
-                                    f"{tuple(tensor.shape)} vs {tuple(other.tensors[name].shape)}")
+
+
+def check_hidden_sizes(sources: list[Source]) -> None:
+    """Checked before tensor shapes, so the message names the real difference."""
+    sizes = {s.ref: getattr(text_config(s.config), "hidden_size", None) for s in sources}
+    if len(set(sizes.values())) > 1:
+        raise EvomergeError(f"models have different hidden sizes {sizes}; neither merging nor layer routing can "
+                            "combine them: use models of one architecture and size")
+
+
+def check_floating_point(ref: str, tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise EvomergeError(f"model {ref!r} stores {name} as {str(tensor.dtype).removeprefix('torch.')}: merging "
+                                "needs floating-point weights (a quantized checkpoint?): use unquantized weights")
+
+
+def check_shapes(first: Source, other: Source, tensors: dict[str, dict[str, torch.Tensor]], vocab_rows: set[str],
+                 rows_may_differ: bool) -> None:
+    """Same shapes everywhere; rows of the `vocab_rows` tensors (embeddings, head) may differ when a
+    tokenizer_source re-indexes them."""
+    for name, tensor in tensors[first.ref].items():
+        theirs = tensors[other.ref][name]
+        if tensor.shape == theirs.shape or (rows_may_differ and name in vocab_rows and tensor.shape[1:] == theirs.shape[1:]):
+            continue
+        if name in vocab_rows:
+            raise EvomergeError(
+                f"models {first.ref!r} and {other.ref!r} have different vocabulary sizes "
+                f"({tensor.shape[0]} vs {theirs.shape[0]} rows in {name}); merge only models that share one tokenizer, "
+                "or set tokenizer_source (base, union or a model) in the recipe")
+        raise EvomergeError(f"models {first.ref!r} and {other.ref!r} differ in shape at {name}: "
+                            f"{tuple(tensor.shape)} vs {tuple(theirs.shape)}")
+
+
+def aligned(source: Source, reference: WeightMap, shell: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The source's tensors under the reference checkpoint's names: checkpoints of one architecture may
+    name a tensor differently (hub GPT-2 lacks the `transformer.` prefix), transformers loads both."""
+    own = WeightMap(shell, source.tensors)
+    by_internal = {own.internal[n]: n for n in own.names}
+    out = {}
+    for name in reference.names:
+        theirs = by_internal.get(reference.internal[name])
+        if theirs is None:
+            raise EvomergeError(f"model {source.ref!r} lacks {name!r} (or its equivalent); the models are not "
+                                "the same architecture and size")
+        out[name] = source.tensors[theirs]
+    return out
+
+
+class SourceSet:
+    """The source models of a merge, resident on one device, every tensor under the first model's
+    checkpoint names; the architecture's weight map and decoder layers, read from a weightless
+    ("meta") copy of the model; and the config of what they merge into."""
+
+    def __init__(self, refs: list[str], device: torch.device, *, allow_pickle: bool = False,
+                 trust_remote_code: bool = False, tokenizer_source: str | None = None):
+        self.sources = {ref: load_source(ref, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                        for ref in dict.fromkeys(refs)}
+        listed = list(self.sources.values())
+        check_architectures(listed)
+        check_hidden_sizes(listed)
+        first = listed[0]
+        self.trust_remote_code = trust_remote_code
+        self.config = copy.deepcopy(first.config)  # of the merged model (its vocabulary may differ from the first's)
+        shell = build_model(first.config, torch.float32, "meta", trust_remote_code)
+        self.weights = WeightMap(shell, first.tensors)
+        self.layers_path, layers = decoder_layers(shell)
+        self.n_layers = len(layers)
+        self.tensors = {s.ref: aligned(s, self.weights, shell) for s in listed}
+        self.vocab_rows = vocab_tensors(shell, self.weights)
+        for source in listed:
+            check_floating_point(source.ref, self.tensors[source.ref])
+        for other in listed[1:]:
+            check_shapes(first, other, self.tensors, self.vocab_rows, rows_may_differ=tokenizer_source is not None)
+        self.vocabulary = None if tokenizer_source is None else self._reindex(tokenizer_source)
+        self.shell = shell if self.vocabulary is None else build_model(self.config, torch.float32, "meta", trust_remote_code)
+        self.weights.check(self.shell, {n: t.shape for n, t in self.reference.items()}, first.ref)
+
+    def _reindex(self, tokenizer_source: str):
+        """The output vocabulary; every model's embedding and head rows re-indexed to it."""
+        from evomerge import vocab  # tokenizers load only when a recipe asks for a tokenizer_source
+
+        base, name = next(iter(self.sources)), min(self.vocab_rows)  # any of them: they share their rows
+        rows = {ref: tensors[name].shape[0] for ref, tensors in self.tensors.items()}
+        vocabulary = vocab.build_vocabulary(tokenizer_source, {r: s.path for r, s in self.sources.items()}, rows,
+                                            self.trust_remote_code)
+        for name in self.vocab_rows:
+            for ref, tensor in vocab.reindex(vocabulary, {r: t[name] for r, t in self.tensors.items()}, base).items():
+                self.tensors[ref][name] = tensor
+        vocab.configure(self.config, vocabulary, self.sources[vocabulary.source].config)
+        return vocabulary
+
+    @property
+    def reference(self) -> dict[str, torch.Tensor]:
+        """The first model's tensors, whose names every source's tensors go by."""
+        return next(iter(self.tensors.values()))
+
+    def check_loaded(self, refs: list[str]) -> None:
+        unknown = [r for r in refs if r not in self.sources]
+        if unknown:
+            raise EvomergeError(f"recipe names model {unknown[0]!r}, which was not loaded; loaded: {list(self.sources)}")
+
+    def layer_of(self, name: str) -> int | None:
+        return self.weights.layer_of(name, self.layers_path)
+
+    def layer_prefixes(self) -> list[str]:
+        """Per decoder layer, the checkpoint-name prefix all its tensors share ('model.layers.3.', 'h.3.', ...)."""
+        by_layer: dict[int, list[list[str]]] = {}
+        for name in self.weights.names:
+            layer = self.layer_of(name)
+            if layer is not None:
+                by_layer.setdefault(layer, []).append(name.split("."))
+        prefixes = []
+        for layer in range(self.n_layers):
+            parts = by_layer[layer]
+            common: list[str] = []
+            for column in zip(*(p[:-1] for p in parts)):  # never a whole name: a filter is a prefix of several
+                if len(set(column)) > 1:
+                    break
+                common.append(column[0])
+            prefixes.append(".".join(common) + ".")
+        return prefixes
+
+
+def vocab_tensors(model: PreTrainedModel, weights: WeightMap) -> set[str]:
+    """Checkpoint names of the tensors with one row per token: input embeddings and the output head."""
+    modules = [model.get_input_embeddings(), model.get_output_embeddings()]
+    ids = {id(m.weight) for m in modules if m is not None and getattr(m, "weight", None) is not None}
+    params = {name for name, p in model.named_parameters() if id(p) in ids}
+    return {name for name, target in weights.targets.items() if target.param in params}
 
 
 def default_device() -> torch.device:

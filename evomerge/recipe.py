@@ -9,9 +9,19 @@
     layer_granularity: 2              # decoder layers per group; 0 = all layers in one group
     seed: 0                           # keys DARE/DELLA masks (with each tensor's name)
     dtype: bfloat16                   # dtype of the merged weights (arithmetic is float32)
+    tokenizer_source: union           # optional, as in mergekit: base | union | a model of this recipe
+    chat_template: evomerge/zoo_models/expert_rev   # optional: a model of this recipe, or a Jinja template
 
 Groups are the decoder-layer groups in order, then one group for every tensor outside the
-decoder layers (embeddings, final norm, lm_head). A per-group list has one value per group.
+decoder layers (embeddings, final norm, lm_head, a multimodal model's vision tower and
+projector). A per-group list has one value per group. Which tensors are in which layer is
+read from the model itself (evomerge.layouts), whatever the architecture names them.
+
+Without `tokenizer_source` the models must share one vocabulary and the merged model takes
+the tokenizer of the base model (of the first model without one; of `embed_from` for a route);
+with it, embeddings and head are re-indexed to the chosen vocabulary first (evomerge.vocab).
+The export takes generation_config.json from the tokenizer's model and the chat template
+from `chat_template` (default: the tokenizer's own).
 
 A recipe may also (or only) route layers, the paper's data-flow-space merge:
 
@@ -30,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,28 +52,22 @@ from evomerge.yamlio import check_keys, load_yaml_mapping
 
 DTYPES = ("bfloat16", "float16", "float32")
 MERGED = "merged"  # route source name for the recipe's own parameter-space merge
-_PS_KEYS = {"models", "base_model", "parameters", "layer_granularity", "seed"}
-_LAYER = re.compile(r"^(.*?\blayers\.(\d+)\.)")
+_PS_KEYS = {"models", "base_model", "parameters", "layer_granularity", "seed", "tokenizer_source"}
+TOKENIZER_SOURCES = ("base", "union")
 
 Value = float | bool | list[float]
-
-
-def layer_prefix(tensor_name: str) -> tuple[str, int] | None:
-    """('model.layers.3.', 3) for a decoder-layer tensor, None for embeddings, norm, head."""
-    match = _LAYER.match(tensor_name)
-    return (match.group(1), int(match.group(2))) if match else None
 
 
 def n_groups(n_layers: int, granularity: int) -> int:
     return (math.ceil(n_layers / granularity) if granularity > 0 else 1) + 1
 
 
-def group_of(tensor_name: str, n_layers: int, granularity: int) -> int:
-    """Index of the tensor's group: its layer group, or the last group for non-layer tensors."""
-    found = layer_prefix(tensor_name)
-    if found is None:
+def group_of(layer: int | None, n_layers: int, granularity: int) -> int:
+    """Index of a tensor's group from its decoder layer: the layer's group, or the last group for
+    tensors outside the decoder layers (layer None)."""
+    if layer is None:
         return n_groups(n_layers, granularity) - 1
-    return found[1] // granularity if granularity > 0 else 0
+    return layer // granularity if granularity > 0 else 0
 
 
 @dataclass
@@ -128,13 +131,15 @@ class Recipe:
     seed: int = 0
     dtype: str = "bfloat16"
     route: Route | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
 
     # ---- construction and validation -------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
         if not isinstance(data, dict):
             raise EvomergeError(f"{where}: expected a mapping with keys method, models, ...; got {type(data).__name__}")
-        check_keys(data, {"method", "dtype", "route", *_PS_KEYS}, where)
+        check_keys(data, {"method", "dtype", "route", "chat_template", *_PS_KEYS}, where)
         route = Route.from_dict(data["route"], f"{where}: route") if "route" in data else None
         if route is not None and "method" not in data:
             return cls._pure_route(data, route, where)
@@ -155,7 +160,8 @@ class Recipe:
             method=data["method"], models=sources, base_model=data.get("base_model"),
             parameters=dict(data.get("parameters") or {}),
             layer_granularity=data.get("layer_granularity", 0), seed=data.get("seed", 0),
-            dtype=data.get("dtype", "bfloat16"), route=route,
+            dtype=data.get("dtype", "bfloat16"), route=route, tokenizer_source=data.get("tokenizer_source"),
+            chat_template=data.get("chat_template"),
         )
         recipe.validate(where)
         return recipe
@@ -165,7 +171,8 @@ class Recipe:
         stray = sorted(_PS_KEYS & set(data))
         if stray:
             raise EvomergeError(f"{where}: {stray} describe a parameter-space merge; add its `method` or remove them")
-        recipe = cls(method=None, models=[], dtype=data.get("dtype", "bfloat16"), route=route)
+        recipe = cls(method=None, models=[], dtype=data.get("dtype", "bfloat16"), route=route,
+                     chat_template=data.get("chat_template"))
         recipe.validate(where)
         return recipe
 
@@ -183,7 +190,7 @@ class Recipe:
 
     @property
     def primary_model(self) -> str:
-        """The model whose tokenizer the merged candidate uses."""
+        """The model whose tokenizer the merged candidate uses, unless a tokenizer_source says otherwise."""
         if self.route and self.route.embed_from != MERGED:
             return self.route.embed_from
         return self.base_model or self.models[0].model
@@ -196,6 +203,9 @@ class Recipe:
             self.route.validate(f"{where}: route", has_merge=self.method is not None)
         if self.method is not None:
             self._validate_merge(where)
+        if self.chat_template is not None and not (self.chat_template in self.refs or _is_template(self.chat_template)):
+            raise EvomergeError(f"{where}: chat_template must name a model of this recipe or be a Jinja template "
+                                f"(with {{{{ }}}} or {{% %}}), got {self.chat_template!r}")
 
     def _validate_merge(self, where: str) -> None:
         method = get_method(self.method)
@@ -212,6 +222,9 @@ class Recipe:
         for i, source in enumerate(self.models):
             _check_values(source.parameters, method.source_params, f"{where}: models[{i}].parameters", numbers_only=True)
         _check_values(self.parameters, method.options, f"{where}: parameters", numbers_only=False)
+        source = self.tokenizer_source
+        if source is not None and source not in TOKENIZER_SOURCES and source not in self.refs:
+            raise EvomergeError(f"{where}: tokenizer_source must be base, union or a model of this recipe, got {source!r}")
 
     # ---- per-group resolution --------------------------------------------------------
     def check_groups(self, n_layers: int) -> None:
@@ -241,8 +254,12 @@ class Recipe:
             del data["route"]
         else:
             data["route"] = self.route.to_dict()
+        for key in ("tokenizer_source", "chat_template"):
+            if data[key] is None:
+                del data[key]
         if self.method is None:
-            data = {"route": data["route"], "dtype": self.dtype}
+            data = {"route": data["route"], "dtype": self.dtype,
+                    **({"chat_template": self.chat_template} if self.chat_template else {})}
         return data
 
     def to_yaml(self) -> str:
@@ -273,6 +290,10 @@ def _check_values(values: dict[str, Any], allowed: Any, where: str, numbers_only
                 continue
             if not _is_number(v):
                 raise EvomergeError(f"{where}.{key}: expected a finite number or a list of them, got {v!r}")
+
+
+def _is_template(text: Any) -> bool:
+    return isinstance(text, str) and ("{{" in text or "{%" in text)
 
 
 def _is_number(v: Any) -> bool:

@@ -9,7 +9,9 @@ from pathlib import Path
 from evomerge.errors import EvomergeError
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.tiktoken"]
+# What transformers loads (model*.safetensors and its index; not e.g. Mistral's consolidated.safetensors,
+# a second copy of the weights in another naming), tokenizer files and chat templates (*.jinja).
+_HUB_FILES = ["model*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
 def local_dir(ref: str) -> Path | None:
@@ -32,7 +34,7 @@ def resolve_path(ref: str, *, allow_pickle: bool = False) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = _HUB_FILES + (["*.bin", "*.pt"] if allow_pickle else [])
+        patterns = _HUB_FILES + (["pytorch_model*.bin"] if allow_pickle else [])
         return Path(snapshot_download(ref, allow_patterns=patterns))
     except Exception as exc:  # network, auth, missing repo: all one line for the user
         raise EvomergeError(f"model {ref!r}: not a local directory and the hub download failed: "

@@ -5,99 +5,132 @@ Sources are loaded once and stay on the merge device; the candidate is allocated
 tensor: no disk, no new model, no re-wrapping, so an evaluator wrapped around the
 candidate sees each new recipe at once. A recipe with a route (data-flow space) returns a
 routed model built around resident source layers instead (see evomerge.routing).
+
+Tensors are merged under the checkpoint's own names (`merged_tensors`), one checkpoint tensor
+at a time as mergekit does (each MoE expert on its own: TIES's top-k and DARE's mask are per
+tensor). A tensor that is a model parameter is merged straight into it; tensors transformers
+fuses into one parameter (MoE experts) are merged, then fused by transformers' own converter.
+Another backend (vLLM's `load_weights`, which takes checkpoint names) can consume
+`merged_tensors` directly.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.errors import EvomergeError
+from evomerge.layouts import build_model
 from evomerge.merge.registry import merge_tensor
 from evomerge.merge.rng import TensorRNG
-from evomerge.models import Source, check_compatible, default_device, load_source
-from evomerge.recipe import Recipe, group_of, layer_prefix
+from evomerge.models import SourceSet, default_device
+from evomerge.recipe import Recipe, group_of, n_groups
 from evomerge.routing import Router
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@torch.no_grad()
+def merged_tensors(recipe: Recipe, inputs: SourceSet,
+                   out: Callable[[str], torch.Tensor | None] = lambda name: None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, merged tensor) for every weight of the recipe's parameter-space merge, in
+    transformers' load order. `out(name)` may give a tensor to write into (else a new float32 one)."""
+    recipe.check_groups(inputs.n_layers)
+    inputs.check_loaded(recipe.refs)
+    groups = tensor_groups(inputs, recipe.layer_granularity)
+    base = inputs.tensors[recipe.base_model] if recipe.base_model else None
+    sources = [inputs.tensors[s.model] for s in recipe.models]
+    per_group = {}
+    for name, group in groups.items():
+        if group not in per_group:
+            per_group[group] = (recipe.source_params(group), recipe.options(group))
+        params, options = per_group[group]
+        yield name, merge_tensor(recipe.method, base[name] if base is not None else None, [s[name] for s in sources],
+                                 params, options, TensorRNG(recipe.seed, name), out=out(name))
+
+
+def tensor_groups(inputs: SourceSet, granularity: int) -> dict[str, int]:
+    """Each checkpoint tensor's group; every group must hold a tensor, so no per-group value goes unused."""
+    groups = {name: group_of(inputs.layer_of(name), inputs.n_layers, granularity) for name in inputs.weights.names}
+    empty = sorted(set(range(n_groups(inputs.n_layers, granularity))) - set(groups.values()))
+    if empty:
+        raise EvomergeError(f"layer group {empty[0]} (layer_granularity {granularity}) holds no tensor of this model, "
+                            "so its per-group values would be ignored")
+    return groups
 
 
 class Materializer:
     """Resident sources plus one candidate model that recipes are written into."""
 
     def __init__(self, refs: Sequence[str], *, dtype: str = "bfloat16", device: str | torch.device | None = None,
-                 allow_pickle: bool = False, trust_remote_code: bool = False):
+                 allow_pickle: bool = False, trust_remote_code: bool = False, tokenizer_source: str | None = None):
         self.device = torch.device(device) if device is not None else default_device()
-        self.sources: dict[str, Source] = {}
-        for ref in dict.fromkeys(refs):
-            self.sources[ref] = load_source(ref, self.device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        check_hidden_sizes(list(self.sources.values()))
-        check_compatible(list(self.sources.values()))
-        first = next(iter(self.sources.values()))
-        self.config = first.config
+        self.inputs = SourceSet(list(refs), self.device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                tokenizer_source=tokenizer_source)
+        self.sources = self.inputs.sources
+        self.tokenizer_source = tokenizer_source
+        self.config = self.inputs.config
         self.dtype, self.trust_remote_code = _DTYPES[dtype], trust_remote_code
-        self.candidate = build_candidate(first, self.dtype, self.device, trust_remote_code)
+        self.candidate = build_model(self.config, self.dtype, self.device, trust_remote_code)
         self.model: PreTrainedModel = self.candidate  # what the last `apply` returned
-        self.n_layers = int(self.config.num_hidden_layers)
+        self.n_layers = self.inputs.n_layers
         self._params = dict(self.candidate.named_parameters())
-        missing = sorted(set(self._params) - set(first.tensors))
-        if missing:
-            raise EvomergeError(f"model {first.ref!r}: checkpoint lacks {missing[0]!r} that the architecture needs")
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
     def for_recipe(cls, recipe: Recipe, **kwargs) -> "Materializer":
-        return cls(recipe.refs, dtype=kwargs.pop("dtype", recipe.dtype), **kwargs)
+        return cls(recipe.refs, dtype=kwargs.pop("dtype", recipe.dtype), tokenizer_source=recipe.tokenizer_source, **kwargs)
 
     @cached_property
     def router(self) -> Router:
-        return Router(self.sources, self.candidate, self.dtype, self.trust_remote_code)
+        return Router(self.inputs, self.candidate, self.dtype)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The merged model's tokenizer when a tokenizer_source changed the vocabulary, else None (the base's)."""
+        return self.inputs.vocabulary.tokenizer if self.inputs.vocabulary else None
 
     def apply(self, recipe: Recipe) -> PreTrainedModel:
         """The recipe's candidate. A parameter-space recipe overwrites the candidate's weights and returns
         the same model object every time; a route returns a new model object (its parameter-space part,
         if any, is merged into the candidate first and routed as `merged`). Valid until the next call."""
-        unknown = [r for r in recipe.refs if r not in self.sources]
-        if unknown:
-            raise EvomergeError(f"recipe names model {unknown[0]!r}, which was not loaded; loaded: {list(self.sources)}")
+        self.inputs.check_loaded(recipe.refs)
         recipe.validate()
+        if recipe.tokenizer_source != self.tokenizer_source:
+            raise EvomergeError(f"recipe asks for tokenizer_source {recipe.tokenizer_source!r}, but its models were "
+                                f"loaded with {self.tokenizer_source!r}; load them for this recipe")
         if recipe.method is not None:
             self._merge(recipe)
         self.model = self.candidate if recipe.route is None else self.router.build(recipe.route, self.candidate)
         return self.model
 
-    @torch.no_grad()
     def _merge(self, recipe: Recipe) -> None:
-        recipe.check_groups(self.n_layers)
-        base = self.sources[recipe.base_model].tensors if recipe.base_model else None
-        sources = [self.sources[s.model].tensors for s in recipe.models]
-        per_group = {}
-        for name, param in self._params.items():
-            group = group_of(name, self.n_layers, recipe.layer_granularity)
-            if group not in per_group:
-                per_group[group] = (recipe.source_params(group), recipe.options(group))
-            params, options = per_group[group]
-            merge_tensor(recipe.method, base[name] if base is not None else None, [s[name] for s in sources],
-                         params, options, TensorRNG(recipe.seed, name), out=param.data)
+        for name, tensor in merged_tensors(recipe, self.inputs, out=self._target):
+            self._write(name, tensor)
+
+    def _target(self, name: str) -> torch.Tensor:
+        """The candidate parameter a checkpoint tensor is, to merge straight into; for a member of a fused
+        parameter, a tensor of the parameter's dtype that holds it until the group is complete."""
+        target = self.inputs.weights.targets[name]
+        param = self._params[target.param].data
+        if target.pattern is None:
+            return param
+        return torch.empty(self.inputs.reference[name].shape, dtype=param.dtype, device=param.device)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        """Fused parameters are written once all their checkpoint tensors are merged."""
+        target = self.inputs.weights.targets[name]
+        if target.pattern is None:
+            return  # merged in place
+        pending = self._pending.setdefault(target.param, {})
+        pending[name] = tensor
+        if len(pending) == self.inputs.weights.members(target.param):
+            fused = self.inputs.weights.to_params(self._pending.pop(target.param), self.candidate)
+            self._params[target.param].data.copy_(fused[target.param])
 
     def layer_prefixes(self) -> list[str]:
-        """'model.layers.0.', ... in layer order, as the candidate names them."""
-        found = {p: i for p, i in filter(None, map(layer_prefix, self._params))}
-        return sorted(found, key=found.get)
-
-
-def check_hidden_sizes(sources: list[Source]) -> None:
-    """Checked before tensor shapes, so the message names the real difference."""
-    sizes = {s.ref: getattr(s.config, "hidden_size", None) for s in sources}
-    if len(set(sizes.values())) > 1:
-        raise EvomergeError(f"models have different hidden sizes {sizes}; neither merging nor layer routing can "
-                            "combine them: use models of one architecture and size")
-
-
-def build_candidate(source: Source, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> PreTrainedModel:
-    """Allocate the one candidate model (weights are overwritten by every `apply`)."""
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.eval().requires_grad_(False)
+        """'model.layers.0.', ... in layer order, as the checkpoint names them."""
+        return self.inputs.layer_prefixes()
