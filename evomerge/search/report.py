@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +102,9 @@ def plot_archive(config: RunConfig, study: optuna.Study, entries: list[ArchiveEn
 
 
 def run_with_progress(search: "Search", quiet: bool = False) -> None:
-    """`search.run()` with a progress bar (trials done, best scalarized value, ETA) and one line per trial."""
+    """`search.run()` with one line per trial, and in a terminal a progress bar (trials done, best
+    scalarized value, ETA) below them. Elsewhere (`nohup evomerge run ... > run.log`) no bar: its
+    redraws would fill the log; each line is flushed as it happens, so `tail -f run.log` follows."""
     from tqdm import tqdm
 
     from evomerge.search.study import redact
@@ -109,20 +112,25 @@ def run_with_progress(search: "Search", quiet: bool = False) -> None:
     config = search.config
     done = search.counts()[TrialState.COMPLETE]
     print(f"study {config.study_name!r} in {redact(config.storage)}: {done}/{config.n_trials} trials done, "
-          f"sampler {config.sampler}")
+          f"sampler {config.sampler}", flush=True)
     best: list[float | None] = [None]
     announced = [False]
+    terminal = sys.stdout.isatty() and sys.stderr.isatty()  # the lines go to stdout, tqdm's bar to stderr
     with tqdm(total=config.n_trials, initial=min(done, config.n_trials), unit="trial", dynamic_ncols=True,
-              disable=quiet) as bar:
+              disable=quiet or not terminal) as bar:
+        def say(line: str) -> None:
+            bar.write(line)  # above the bar, where there is one
+            sys.stdout.flush()
+
         def on_trial(n_done: int, record: dict[str, Any]) -> None:
             if not announced[0] and search.load_seconds is not None:  # a resumed search loads them after its first proposal
-                bar.write(f"models loaded on {search.materializer.device} in {search.load_seconds:.1f} s")
+                say(f"models loaded on {search.materializer.device} in {search.load_seconds:.1f} s")
                 announced[0] = True
             bar.n = min(n_done, config.n_trials)
             if record.get("value") is not None and (best[0] is None or record["value"] > best[0]):
                 best[0] = record["value"]
             bar.set_postfix_str(f"best {best[0]:.4g}" if best[0] is not None else "")
-            bar.write(trial_line(n_done, config.n_trials, record))
+            say(trial_line(n_done, config.n_trials, record))
 
         search.run(on_trial)
 
