@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any, Sequence
 
 import numpy as np
 import optuna
-from optuna._hypervolume import compute_hypervolume  # WFG; private but stable since optuna 4.0
 from optuna.trial import FrozenTrial, TrialState
 
+MAX_GRID_CELLS = 2**20  # 8 MiB per grid array; measured: one bigger grid is slower than slicing it
 
 @dataclass(frozen=True)
 class ArchiveEntry:
@@ -67,15 +68,46 @@ def _losses_in_completion_order(study: optuna.Study, names: Sequence[str], direc
     return to_losses(values.reshape(len(trials), len(names)), directions)
 
 
-def _hypervolume(losses: np.ndarray, ref: np.ndarray) -> float:
-    inside = losses[np.all(losses <= ref, axis=1)]
-    return float(compute_hypervolume(inside[non_dominated(inside)], ref)) if len(inside) else 0.0
+def hypervolume_of(losses: np.ndarray, ref: np.ndarray, max_cells: int = MAX_GRID_CELLS) -> float:
+    """Exact hypervolume: the volume of the points that some row of `losses` dominates and that
+    dominate `ref` (smaller is better). Rows outside the reference box add nothing; dominated
+    rows and duplicates are allowed.
+
+    Our own rather than `optuna._hypervolume`, a private module. One grid when it has at most
+    `max_cells` cells (with 3 objectives: fronts of up to 1,024 points), else slices along the
+    last objective (HSO, While et al. 2006), each slab the (d-1)-dimensional volume of the rows
+    below it times its depth; exact either way, and as fast as Optuna's WFG or faster."""
+    pts = losses[np.all(losses < ref, axis=1)]
+    if not len(pts):
+        return 0.0
+    if pts.shape[1] == 1:
+        return float(ref[0] - pts[:, 0].min())
+    if np.prod([len(np.unique(c)) for c in pts[:, :-1].T], dtype=float) <= max_cells:
+        return _grid_volume(pts, ref)
+    pts = pts[np.argsort(pts[:, -1], kind="stable")]
+    depths = np.diff(np.append(pts[:, -1], ref[-1]))
+    return float(sum(depth * hypervolume_of(pts[:i + 1, :-1], ref[:-1], max_cells)
+                     for i, depth in enumerate(depths) if depth > 0))
+
+
+def _grid_volume(pts: np.ndarray, ref: np.ndarray) -> float:
+    """The first d-1 objectives' values cut the reference box into a grid of cells; a cell is
+    dominated along the last objective from the smallest last value among the rows at or below
+    its lower corner (a running minimum along each grid axis) up to the reference."""
+    heads, last = pts[:, :-1].T, pts[:, -1]
+    axes = [np.unique(c) for c in heads]
+    lowest = np.full([len(a) for a in axes], ref[-1])
+    np.minimum.at(lowest, tuple(np.searchsorted(a, c) for a, c in zip(axes, heads)), last)
+    for axis in range(lowest.ndim):
+        lowest = np.minimum.accumulate(lowest, axis=axis)
+    widths = [np.diff(np.append(a, r)) for a, r in zip(axes, ref[:-1])]
+    return float(np.sum(reduce(np.multiply.outer, widths) * (ref[-1] - lowest)))
 
 
 def hypervolume(study: optuna.Study, names: Sequence[str], directions: Sequence[str]) -> float:
     """Hypervolume of the archive, the reference point being the worst value seen per objective."""
     losses = _losses_in_completion_order(study, names, directions)
-    return _hypervolume(losses, losses.max(axis=0)) if len(losses) else 0.0
+    return hypervolume_of(losses[non_dominated(losses)], losses.max(axis=0)) if len(losses) else 0.0
 
 
 def hypervolume_history(study: optuna.Study, names: Sequence[str], directions: Sequence[str]) -> list[tuple[int, float]]:
@@ -90,7 +122,7 @@ def hypervolume_history(study: optuna.Study, names: Sequence[str], directions: S
             history.append((i, history[-1][1]))
             continue
         front = np.vstack([front[~_dominates(row[None], front)], row])
-        history.append((i, _hypervolume(front, ref)))
+        history.append((i, hypervolume_of(front, ref)))
     return history
 
 
