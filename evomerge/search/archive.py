@@ -1,5 +1,6 @@
 """The Pareto archive: the non-dominated completed trials of a study over every recorded
-objective, whichever sampler proposed them, and its hypervolume as the study grew.
+objective, whichever sampler proposed them, its hypervolume as the study grew, and the source
+models' objective values the study keeps beside them as reference points.
 
 Objective values come from each trial's `objectives` user attribute, so single-objective
 studies (which only tell Optuna a scalarization) still get a full multi-objective archive.
@@ -16,7 +17,9 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+SOURCES_ATTR = "evomerge:sources"  # study user attr: {model_ref: {"objectives": {name: value}}}, the sources scored
 MAX_GRID_CELLS = 2**20  # 8 MiB per grid array; measured: one bigger grid is slower than slicing it
+
 
 @dataclass(frozen=True)
 class ArchiveEntry:
@@ -60,6 +63,12 @@ def pareto_archive(study: optuna.Study, names: Sequence[str], directions: Sequen
     mask = non_dominated(to_losses(values, directions))
     return [ArchiveEntry(t.number, dict(t.user_attrs["objectives"]), json.loads(t.user_attrs.get("recipe", "{}")))
             for t, keep in zip(trials, mask) if keep]
+
+
+def source_objectives(study: optuna.Study) -> dict[str, dict[str, float]]:
+    """{model_ref: {objective: value}} of the source models, scored like trials when the study was
+    made, so a merge can be compared with what it was made from; {} for a study without them."""
+    return {ref: dict(scored.get("objectives", {})) for ref, scored in study.user_attrs.get(SOURCES_ATTR, {}).items()}
 
 
 def _losses_in_completion_order(study: optuna.Study, names: Sequence[str], directions: Sequence[str]) -> np.ndarray:
