@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from evomerge.search.archive import hypervolume_of, non_dominated
+from evomerge.search.archive import hypervolume_of, non_dominated, prefix_volumes
 
 BOTH_WAYS = pytest.mark.parametrize("max_cells", [2**20, 1], ids=["grid", "slices"])
 
@@ -65,6 +65,16 @@ def test_equals_counting_unit_cells(d, max_cells):
     for n in (1, 2, 5, 9):
         losses = rng.integers(0, 7, size=(n, d)).astype(float)  # 6 is on the reference: outside
         assert hv(losses, [6] * d, max_cells) == unit_cells_dominated(losses, 6)
+
+
+@BOTH_WAYS
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_prefix_volumes_equal_counting_each_prefix(d, max_cells):
+    """What the hypervolume history and the slices build on: each row adds its box less what the
+    front already covers, duplicates and dominated rows nothing."""
+    losses = np.random.default_rng(20 + d).integers(0, 7, size=(14, d)).astype(float)
+    expected = [unit_cells_dominated(losses[:i], 6) for i in range(1, 15)]
+    assert prefix_volumes(losses, np.full(d, 6.0), max_cells) == pytest.approx(expected)
 
 
 @BOTH_WAYS

@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 SOURCES_ATTR = "evomerge:sources"  # study user attr: {model_ref: {"objectives": {name: value}}}, the sources scored
-MAX_GRID_CELLS = 2**20  # 8 MiB per grid array; measured: one bigger grid is slower than slicing it
+MAX_GRID_CELLS = 2**20  # 8 MiB per grid array; measured: bigger grids are no faster than slicing
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ def hypervolume_of(losses: np.ndarray, ref: np.ndarray, max_cells: int = MAX_GRI
 
     Our own rather than `optuna._hypervolume`, a private module. One grid when it has at most
     `max_cells` cells (with 3 objectives: fronts of up to 1,024 points), else slices along the
-    last objective (HSO, While et al. 2006), each slab the (d-1)-dimensional volume of the rows
-    below it times its depth; exact either way, and as fast as Optuna's WFG or faster."""
+    last objective (HSO, While et al. 2006): each slab is the (d-1)-dimensional volume of the
+    rows below it (`prefix_volumes`) times its depth."""
     pts = losses[np.all(losses < ref, axis=1)]
     if not len(pts):
         return 0.0
@@ -95,8 +95,21 @@ def hypervolume_of(losses: np.ndarray, ref: np.ndarray, max_cells: int = MAX_GRI
         return _grid_volume(pts, ref)
     pts = pts[np.argsort(pts[:, -1], kind="stable")]
     depths = np.diff(np.append(pts[:, -1], ref[-1]))
-    return float(sum(depth * hypervolume_of(pts[:i + 1, :-1], ref[:-1], max_cells)
-                     for i, depth in enumerate(depths) if depth > 0))
+    return float(np.dot(depths, prefix_volumes(pts[:, :-1], ref[:-1], max_cells)))
+
+
+def prefix_volumes(losses: np.ndarray, ref: np.ndarray, max_cells: int = MAX_GRID_CELLS) -> list[float]:
+    """The hypervolume of losses[:1], losses[:2], ...: a row that enters the front adds its box less
+    the part of the box the front already covers (the front limited to the box: WFG's step, While
+    et al. 2012), and a row some front row is <= everywhere adds nothing."""
+    volumes: list[float] = []
+    front, volume = losses[:0], 0.0
+    for row in losses:
+        if not np.all(front <= row, axis=1).any():
+            volume += np.prod(np.clip(ref - row, 0, None)) - hypervolume_of(np.maximum(front, row), ref, max_cells)
+            front = np.vstack([front[~_dominates(row[None], front)], row])
+        volumes.append(float(volume))
+    return volumes
 
 
 def _grid_volume(pts: np.ndarray, ref: np.ndarray) -> float:
@@ -123,16 +136,7 @@ def hypervolume_history(study: optuna.Study, names: Sequence[str], directions: S
     """(trials completed, hypervolume so far), in completion order, against the final reference point
     (the worst value seen per objective), so the curve is comparable along the study."""
     losses = _losses_in_completion_order(study, names, directions)
-    if not len(losses):
-        return []
-    ref, history, front = losses.max(axis=0), [], losses[:0]
-    for i, row in enumerate(losses, start=1):
-        if _dominates(front, row).any():  # the front, and so its hypervolume, is unchanged
-            history.append((i, history[-1][1]))
-            continue
-        front = np.vstack([front[~_dominates(row[None], front)], row])
-        history.append((i, hypervolume_of(front, ref)))
-    return history
+    return list(enumerate(prefix_volumes(losses, losses.max(axis=0)), start=1)) if len(losses) else []
 
 
 def _dominates(a: np.ndarray, b: np.ndarray) -> np.ndarray:
