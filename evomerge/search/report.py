@@ -1,5 +1,5 @@
 """What `evomerge status` and `evomerge archive` show: counts, best values, budget and ETA,
-the Pareto archive as a table, JSON or a plot."""
+the Pareto archive as a table, JSON or a plot; and the progress `evomerge run` prints."""
 
 from __future__ import annotations
 
@@ -208,15 +208,21 @@ def _parallel_panel(ax: Any, names: list[str], directions: list[str], groups: di
         style = _source_style(i)
         ax.plot(xs, [height(values, n, d) for n, d in zip(names, directions)], marker=style["marker"], markersize=10,
                 color=style["color"], markeredgecolor="black", linewidth=2, zorder=3, label=source)
+    _parallel_axes(ax, names, directions, lows, highs)
+
+
+def _parallel_axes(ax: Any, names: list[str], directions: list[str], lows: dict[str, float],
+                   highs: dict[str, float]) -> None:
+    """A vertical line per objective with its best value seen at the top and its worst at the bottom."""
     for j, (n, d) in enumerate(zip(names, directions)):
         ax.axvline(j, color="black", linewidth=0.8)
         best, worst = (highs[n], lows[n]) if d == "maximize" else (lows[n], highs[n])
-        for value, height_, offset in ((best, 1.0, 10), (worst, 0.0, -16)):
-            ax.annotate(f"{value:.4g}", (j, height_), xytext=(0, offset), textcoords="offset points", ha="center",
+        for value, y, offset in ((best, 1.0, 10), (worst, 0.0, -16)):
+            ax.annotate(f"{value:.4g}", (j, y), xytext=(0, offset), textcoords="offset points", ha="center",
                         fontsize=8, bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none"))
     ax.set_xlim(-0.3, len(names) - 0.7)
     ax.set_ylim(-0.15, 1.15)
-    ax.set_xticks(list(xs), [f"{n}\n({d})" for n, d in zip(names, directions)])
+    ax.set_xticks(range(len(names)), [f"{n}\n({d})" for n, d in zip(names, directions)])
     ax.set_yticks([])
     ax.set_ylabel("each objective scaled to its range, better up")
 
