@@ -34,7 +34,7 @@ def test_direction_matters():
     assert [e.number for e in entries] == [5]
 
 
-def test_hypervolume_by_hand():
+def testhypervolume_of_by_hand():
     # reference = worst seen = (0.1, 0.1); boxes above it: (0.1..0.2 x 0.1..0.9), (0.2..0.5 x 0.1..0.5), (0.5..0.9 x 0.1..0.2)
     expected = 0.1 * 0.8 + 0.3 * 0.4 + 0.4 * 0.1
     assert hypervolume(study_with(POINTS), ["a", "b"], ["maximize", "maximize"]) == pytest.approx(expected)
@@ -58,13 +58,13 @@ def test_non_dominated_equals_the_pairwise_definition():
         assert non_dominated(losses).tolist() == expected
 
 
-def test_hypervolume_history_equals_recomputing_every_prefix():
+def testhypervolume_of_history_equals_recomputing_every_prefix():
     import numpy as np
 
-    from evomerge.search.archive import _hypervolume, to_losses
+    from evomerge.search.archive import hypervolume_of, to_losses
 
     points = [tuple(p) for p in np.random.default_rng(1).integers(0, 8, size=(60, 2)) / 8]
     history = hypervolume_history(study_with(points, failed=0), ["a", "b"], ["maximize", "maximize"])
     losses = to_losses(np.array(points), ["maximize", "maximize"])
     ref = losses.max(axis=0)
-    assert [h for _, h in history] == pytest.approx([_hypervolume(losses[:i], ref) for i in range(1, 61)])
+    assert [h for _, h in history] == pytest.approx([hypervolume_of(losses[:i], ref) for i in range(1, 61)])

@@ -1,21 +1,25 @@
 """What `evomerge status` and `evomerge archive` show: counts, best values, budget and ETA,
-the Pareto archive as a table, JSON or a plot."""
+the Pareto archive as a table, JSON or a plot; and the progress `evomerge run` prints."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import RunConfig
+from evomerge.search.archive import (ArchiveEntry, completed, hypervolume, hypervolume_history, pareto_archive,
+                                     source_objectives)
 from evomerge.search.identity import settings
-from evomerge.search.archive import ArchiveEntry, completed, hypervolume, hypervolume_history, pareto_archive
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from evomerge.search.loop import Search
 
 
@@ -75,35 +79,167 @@ def archive_table(config: RunConfig, entries: list[ArchiveEntry]) -> str:
 
 
 def plot_archive(config: RunConfig, study: optuna.Study, entries: list[ArchiveEntry], path: str | Path) -> None:
-    """Front (highlighted) and dominated trials on the first two objectives, hypervolume over time beside."""
-    import matplotlib
+    """`evomerge archive --plot` and the demo's pareto.png."""
+    archive_figure(config, study, entries).savefig(path, dpi=110)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def archive_figure(config: RunConfig, study: optuna.Study, entries: list[ArchiveEntry]) -> "Figure":
+    """Every pair of objectives (a scatter-plot matrix's lower triangle; parallel coordinates past
+    three objectives, where pairs get too many), the Pareto archive highlighted against the
+    dominated trials, the source models as labelled reference points, and the hypervolume over time."""
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no backend to choose
 
     names, directions = _objectives(config)
     done = completed(study, names)
     front = {e.number for e in entries}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    x, y = names[0], names[1] if len(names) > 1 else names[0]
-    for is_front, style in ((False, dict(c="0.7", s=14, label="dominated")), (True, dict(c="tab:red", s=30, label="Pareto archive"))):
-        pts = [t.user_attrs["objectives"] for t in done if (t.number in front) == is_front]
-        axes[0].scatter([p[x] for p in pts], [p[y] for p in pts], **style)
-    axes[0].set_xlabel(f"{x} ({directions[0]})")
-    axes[0].set_ylabel(f"{y} ({directions[names.index(y)]})")
-    axes[0].legend()
-    axes[0].set_title(f"{config.study_name}: {len(done)} trials")
-    history = hypervolume_history(study, names, directions)
-    axes[1].plot([h[0] for h in history], [h[1] for h in history])
-    axes[1].set_xlabel("completed trials")
-    axes[1].set_ylabel("hypervolume")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    groups = {label: [t for t in done if (t.number in front) == is_front]
+              for label, is_front in (("dominated", False), ("Pareto archive", True))}
+    sources = _short_names(source_objectives(study))
+    k = len(names)
+    if k == 1:
+        fig = Figure(figsize=(11, 4.5))
+        panels = fig.subplots(1, 2)
+        _value_panel(panels[0], names[0], directions[0], groups, sources)
+    elif k <= 3:  # the pair (x = names[c], y = names[r + 1]) at row r, column c <= r; hypervolume top right
+        fig = Figure(figsize=(5.5 * max(k - 1, 2), 4.5 * (k - 1)))
+        grid = fig.subplots(k - 1, max(k - 1, 2), squeeze=False)
+        for r in range(k - 1):
+            for c in range(r + 1):
+                _pair_panel(grid[r][c], (names[c], names[r + 1]), (directions[c], directions[r + 1]), groups, sources)
+        panels = [grid[0][-1]]
+    else:
+        fig = Figure(figsize=(5 + 1.2 * k, 4.5))
+        panels = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+        _parallel_panel(panels[0], names, directions, groups, sources)
+    _hypervolume_panel(panels[-1], hypervolume_history(study, names, directions))
+    fig.suptitle(f"{config.study_name}: {len(done)} completed trials, {len(entries)} in the Pareto archive")
+    _legend_below(fig)
+    return fig
+
+
+def _legend_below(fig: "Figure") -> None:
+    """One legend for all panels, from every panel's labels: a source may be missing from some."""
+    legend: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+
+
+_TRIALS = {"dominated": dict(color="0.7", s=12, zorder=1), "Pareto archive": dict(color="tab:red", s=30, zorder=2)}
+_SOURCES = list(zip(("*", "D", "P", "X", "^", "s", "v", "h"),
+                    ("tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:cyan", "tab:olive", "tab:pink")))
+
+
+def _short_names(sources: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Labels a plot can hold: `expert_rev`, not `evomerge/zoo_models/expert_rev` (whole refs if two end alike)."""
+    short = [ref.rstrip("/").rsplit("/", 1)[-1] for ref in sources]
+    return dict(zip(short, sources.values())) if len(set(short)) == len(short) else sources
+
+
+def _source_style(i: int) -> dict[str, Any]:
+    marker, color = _SOURCES[i % len(_SOURCES)]
+    return dict(marker=marker, color=color, edgecolor="black", linewidth=0.6, s=130, zorder=3)
+
+
+def _pair_panel(ax: Any, pair: tuple[str, str], directions: tuple[str, str], groups: dict[str, list[FrozenTrial]],
+                sources: dict[str, dict[str, float]]) -> None:
+    x, y = pair
+    for label, trials in groups.items():
+        ax.scatter(_values(trials, x), _values(trials, y), label=label, **_TRIALS[label])
+    placed = {}
+    for i, (name, values) in enumerate(sources.items()):
+        if x in values and y in values:  # a source scored before an objective was added has no value for it
+            ax.scatter([values[x]], [values[y]], label=name, **_source_style(i))
+            placed[name] = (values[x], values[y])
+    _name_points(ax, placed)
+    ax.set_xlabel(f"{x} ({directions[0]})")
+    ax.set_ylabel(f"{y} ({directions[1]})")
+
+
+def _values(trials: list[FrozenTrial], name: str) -> list[float]:
+    return [t.user_attrs["objectives"][name] for t in trials]
+
+
+def _name_points(ax: Any, points: dict[str, tuple[float, float]]) -> None:
+    """Each source's name beside it; sources at the same place (equal scores) share one label."""
+    names_at: dict[tuple[float, float], list[str]] = {}
+    for name, xy in points.items():
+        names_at.setdefault(xy, []).append(name)
+    for xy, names in names_at.items():
+        ax.annotate(", ".join(names), xy, xytext=(6, 4), textcoords="offset points", fontsize=8)
+
+
+def _value_panel(ax: Any, name: str, direction: str, groups: dict[str, list[FrozenTrial]],
+                 sources: dict[str, dict[str, float]]) -> None:
+    """One objective: each trial's value by trial number, the sources as horizontal lines."""
+    for label, trials in groups.items():
+        ax.scatter([t.number for t in trials], _values(trials, name), label=label, **_TRIALS[label])
+    for i, (source, values) in enumerate(sources.items()):
+        if name in values:
+            ax.axhline(values[name], color=_source_style(i)["color"], linestyle="--", label=source)
+    _name_points(ax, {source: (0, values[name]) for source, values in sources.items() if name in values})
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"{name} ({direction})")
+
+
+def _parallel_panel(ax: Any, names: list[str], directions: list[str], groups: dict[str, list[FrozenTrial]],
+                    sources: dict[str, dict[str, float]]) -> None:
+    """One vertical axis per objective, scaled so better is up; a polyline per trial and per source."""
+    from matplotlib.collections import LineCollection
+
+    points = {label: [t.user_attrs["objectives"] for t in trials] for label, trials in groups.items()}
+    seen = [p for ps in points.values() for p in ps] + list(sources.values())
+    lows = {n: min((p[n] for p in seen if n in p), default=0.0) for n in names}
+    highs = {n: max((p[n] for p in seen if n in p), default=1.0) for n in names}
+
+    def height(p: dict[str, float], n: str, d: str) -> float:
+        if n not in p:
+            return float("nan")  # a gap in a source's line
+        span = highs[n] - lows[n] or 1.0
+        return (p[n] - lows[n]) / span if d == "maximize" else (highs[n] - p[n]) / span
+
+    xs = range(len(names))
+    for label, ps in points.items():
+        lines = [list(zip(xs, (height(p, n, d) for n, d in zip(names, directions)))) for p in ps]
+        style = _TRIALS[label]
+        ax.add_collection(LineCollection(lines, colors=style["color"], linewidths=0.8 if label == "dominated" else 1.6,
+                                         alpha=0.5 if label == "dominated" else 0.9, zorder=style["zorder"], label=label))
+    for i, (source, values) in enumerate(sources.items()):
+        style = _source_style(i)
+        ax.plot(xs, [height(values, n, d) for n, d in zip(names, directions)], marker=style["marker"], markersize=10,
+                color=style["color"], markeredgecolor="black", linewidth=2, zorder=3, label=source)
+    _parallel_axes(ax, names, directions, lows, highs)
+
+
+def _parallel_axes(ax: Any, names: list[str], directions: list[str], lows: dict[str, float],
+                   highs: dict[str, float]) -> None:
+    """A vertical line per objective with its best value seen at the top and its worst at the bottom."""
+    for j, (n, d) in enumerate(zip(names, directions)):
+        ax.axvline(j, color="black", linewidth=0.8)
+        best, worst = (highs[n], lows[n]) if d == "maximize" else (lows[n], highs[n])
+        for value, y, offset in ((best, 1.0, 10), (worst, 0.0, -16)):
+            ax.annotate(f"{value:.4g}", (j, y), xytext=(0, offset), textcoords="offset points", ha="center",
+                        fontsize=8, bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none"))
+    ax.set_xlim(-0.3, len(names) - 0.7)
+    ax.set_ylim(-0.15, 1.15)
+    ax.set_xticks(range(len(names)), [f"{n}\n({d})" for n, d in zip(names, directions)])
+    ax.set_yticks([])
+    ax.set_ylabel("each objective scaled to its range, better up")
+
+
+def _hypervolume_panel(ax: Any, history: list[tuple[int, float]]) -> None:
+    ax.plot([h[0] for h in history], [h[1] for h in history], color="black")
+    ax.set_xlabel("completed trials")
+    ax.set_ylabel("hypervolume (reference: worst value seen)")
+    ax.set_title("hypervolume over time")
 
 
 def run_with_progress(search: "Search", quiet: bool = False) -> None:
-    """`search.run()` with a progress bar (trials done, best scalarized value, ETA) and one line per trial."""
+    """`search.run()` with one line per trial, and in a terminal a progress bar (trials done, best
+    scalarized value, ETA) below them. Elsewhere (`nohup evomerge run ... > run.log`) no bar: its
+    redraws would fill the log; each line is flushed as it happens, so `tail -f run.log` follows."""
     from tqdm import tqdm
 
     from evomerge.search.storage import redact
@@ -111,17 +247,22 @@ def run_with_progress(search: "Search", quiet: bool = False) -> None:
     config = search.config
     done = search.counts()[TrialState.COMPLETE]
     print(f"study {config.study_name!r} in {redact(config.storage)}: {done}/{config.n_trials} trials done, "
-          f"sampler {config.sampler}")
-    print(f"models loaded on {search.backend.device} in {search.load_seconds:.1f} s")
+          f"sampler {config.sampler}", flush=True)
+    print(f"models loaded on {search.backend.device} in {search.load_seconds:.1f} s", flush=True)
     best: list[float | None] = [None]
+    terminal = sys.stdout.isatty() and sys.stderr.isatty()  # the lines go to stdout, tqdm's bar to stderr
     with tqdm(total=config.n_trials, initial=min(done, config.n_trials), unit="trial", dynamic_ncols=True,
-              disable=quiet) as bar:
+              disable=quiet or not terminal) as bar:
+        def say(line: str) -> None:
+            bar.write(line)  # above the bar, where there is one
+            sys.stdout.flush()
+
         def on_trial(n_done: int, record: dict[str, Any]) -> None:
             bar.n = min(n_done, config.n_trials)
             if record.get("value") is not None and (best[0] is None or record["value"] > best[0]):
                 best[0] = record["value"]
             bar.set_postfix_str(f"best {best[0]:.4g}" if best[0] is not None else "")
-            bar.write(trial_line(n_done, config.n_trials, record))
+            say(trial_line(n_done, config.n_trials, record))
 
         search.run(on_trial)
 
