@@ -34,7 +34,7 @@ SAMPLERS = {
     "random": set(),
 }
 _KEYS = {"name", "models", "base_model", "search_space", "fitness", "sampler", "budget", "seed", "storage",
-         "study_name", "device", "dtype", "heartbeat", "reconnect_timeout_s", "description"}
+         "study_name", "device", "dtype", "heartbeat", "reconnect_timeout_s", "tokenizer_source", "description"}
 
 
 @dataclass
@@ -58,6 +58,7 @@ class RunConfig:
     dtype: str = "bfloat16"
     heartbeat: dict[str, float] = field(default_factory=lambda: {"interval": 10.0, "grace": 30.0})
     reconnect_timeout_s: float = 300.0  # how long a lost database connection is retried before the run stops
+    tokenizer_source: str | None = None  # base | union | a model: experts whose vocabularies differ (see recipe.py)
 
     @property
     def out_dir(self) -> Path:
@@ -67,6 +68,8 @@ class RunConfig:
         """What makes two commands the same study: resuming with a different one is refused."""
         fingerprint = {"models": self.models, "base_model": self.base_model, "search_space": asdict(self.search_space),
                        "fitness": self.fitness.fingerprint(), "sampler": self.sampler, "seed": self.seed}
+        if self.tokenizer_source is not None:  # absent otherwise, as in studies made before the key existed
+            fingerprint["tokenizer_source"] = self.tokenizer_source
         return json.loads(json.dumps(fingerprint))  # the JSON form, as the study stores it
 
 
@@ -126,6 +129,9 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
     reconnect = data.get("reconnect_timeout_s", 300.0)
     if not isinstance(reconnect, (int, float)) or isinstance(reconnect, bool) or reconnect < 0:
         raise _err(where, "reconnect_timeout_s", "a number of seconds >= 0", reconnect)
+    tokenizer_source = data.get("tokenizer_source")
+    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
+        raise _err(where, "tokenizer_source", "base, union or one of the models", tokenizer_source)
     device = data.get("device", "auto")
     dtype = data.get("dtype", "bfloat16")
     if dtype not in ("bfloat16", "float16", "float32"):
@@ -142,7 +148,7 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
         study_name=study_name or data.get("study_name") or name,
         device=None if device == "auto" else str(device), dtype=dtype,
         heartbeat={"interval": 10.0, "grace": 30.0, **{k: float(v) for k, v in heartbeat.items()}},
-        reconnect_timeout_s=float(reconnect),
+        reconnect_timeout_s=float(reconnect), tokenizer_source=tokenizer_source,
     )
 
 

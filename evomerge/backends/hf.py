@@ -24,7 +24,7 @@ class HfBackend:
     def __init__(self, materializer: Materializer, tokenizer_path: str | Path, batch_size: int = 32):
         self.materializer, self.batch_size = materializer, batch_size
         self.device, self.n_layers = materializer.device, materializer.n_layers
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = materializer.tokenizer or AutoTokenizer.from_pretrained(tokenizer_path)  # a union's, or the first's
         self._wrapped: tuple[PreTrainedModel, Any] | None = None
 
     def materialize(self, recipe: Recipe) -> Candidate:

@@ -245,10 +245,12 @@ class RouteCodec:
 class Genome:
     """The codec for one search space applied to concrete models (their count and depth fix the genes)."""
 
-    def __init__(self, space: SearchSpace, models: list[str], base_model: str | None, n_layers: int):
+    def __init__(self, space: SearchSpace, models: list[str], base_model: str | None, n_layers: int,
+                 tokenizer_source: str | None = None):
         if space.method is not None:
             _check_models(space.method, models, base_model)
         self.space, self.models, self.base_model, self.n_layers = space, list(models), base_model, n_layers
+        self.tokenizer_source = tokenizer_source
         self.groups = None if space.layer_granularity is None else n_groups(n_layers, space.layer_granularity)
         self.genes: dict[str, Gene] = {}
         for i in range(len(models) if space.method else 0):
@@ -297,7 +299,8 @@ class Genome:
                        for i, model in enumerate(self.models)]
             options = {**self.space.options, **{o: self._value(params, o) for o in self.space.shared}}
             recipe = Recipe(method=self.space.method, models=sources, base_model=self.base_model, parameters=options,
-                            layer_granularity=self.space.layer_granularity or 0, seed=self.space.seed, route=route)
+                            layer_granularity=self.space.layer_granularity or 0, seed=self.space.seed, route=route,
+                            tokenizer_source=self.tokenizer_source)
         recipe.validate()
         return recipe
 

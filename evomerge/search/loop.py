@@ -22,7 +22,8 @@ from evomerge import faults
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.refs import local_dir, resolve_path
-from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE
+from evomerge.recipe import Recipe, Source
+from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, SOURCES
 from evomerge.search.genome import Genome
 from evomerge.search.identity import check_layers, create_study, find_study
 from evomerge.search.samplers import make_sampler
@@ -62,13 +63,18 @@ class Search:
         first = resolve_path(refs[0], allow_pickle=allow_pickle)
         self.evaluator = build_evaluator(config.fitness, first)
         materializer = Materializer(refs, dtype=config.dtype, device=config.device, allow_pickle=allow_pickle,
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, tokenizer_source=config.tokenizer_source)
+        if config.search_space.route is not None:
+            materializer.router  # a hub model that cannot be routed is refused before a study is made
         self.backend = HfBackend(materializer, first, batch_size=config.fitness.options.get("batch_size", 32))
         self.load_seconds = time.perf_counter() - start
         self.db = db or self._open_database()
         self.study = existing or create_study(config, self.db, self.backend.n_layers)
         check_layers(self.study, self.backend.n_layers)
-        self.genome = Genome(config.search_space, config.models, config.base_model, self.backend.n_layers)
+        if SOURCES not in self.study.user_attrs:
+            self.study.set_user_attr(SOURCES, {ref: self.score_source(ref) for ref in refs})
+        self.genome = Genome(config.search_space, config.models, config.base_model, self.backend.n_layers,
+                             config.tokenizer_source)
         self.study.sampler = make_sampler(config, self.genome, self.db)
         self.worker = Worker(self.db, self.study, config.n_trials)
 
@@ -118,7 +124,7 @@ class Search:
                 return self._failed(trial, exc)
             return self._tell(trial, scored, recipe.to_json(), time.perf_counter() - start)
 
-    def score(self, recipe: Any) -> Scored:
+    def score(self, recipe: Recipe) -> Scored:
         """Materialize the recipe and evaluate it: its objectives, scores and timings."""
         start = time.perf_counter()
         candidate = self.backend.materialize(recipe)
@@ -132,6 +138,15 @@ class Search:
         if bad:
             raise FloatingPointError(f"non-finite objective(s) {bad}")
         return Scored(objectives, scores, {"materialize_s": merged - start, "evaluate_s": evaluated - merged})
+
+    def score_source(self, ref: str) -> dict[str, dict[str, float]]:
+        """A source model on the fitness, as a candidate (a one-model linear merge is the model itself):
+        the reference every merge is compared with (`evomerge archive --plot`, the demo)."""
+        recipe = Recipe(method="linear", models=[Source(ref, {"weight": 1.0})], dtype=self.config.dtype,
+                        tokenizer_source=self.config.tokenizer_source)
+        candidate = self.backend.materialize(recipe)
+        scores = self.evaluator.evaluate(candidate)
+        return {"objectives": self.config.fitness.objective_values({**scores, **candidate.costs}), "scores": scores}
 
     def _tell(self, trial: optuna.Trial, scored: Scored, recipe: str, elapsed: float) -> dict[str, Any]:
         values = scored.objectives

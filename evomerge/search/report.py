@@ -36,11 +36,19 @@ def status_text(config: RunConfig, study: optuna.Study) -> str:
     lines = [f"study {config.study_name!r} ({made.get('sampler', config.sampler)}, seed {made.get('seed', config.seed)})",
              f"trials: {count[TrialState.COMPLETE]} done / {config.n_trials} budget, {count[TrialState.FAIL]} failed, "
              f"{count[TrialState.RUNNING]} running, {count[TrialState.WAITING]} waiting"]
+    sources = source_objectives(study)
     for name, direction in zip(names, directions):
+        pick = max if direction == "maximize" else min
+        line = f"best {name} ({direction}): "
         if done:
-            pick = max if direction == "maximize" else min
             best = pick(done, key=lambda t: t.user_attrs["objectives"][name])
-            lines.append(f"best {name} ({direction}): {best.user_attrs['objectives'][name]:.4g} (trial {best.number})")
+            line += f"{best.user_attrs['objectives'][name]:.4g} (trial {best.number})"
+        scored = {ref: values[name] for ref, values in sources.items() if name in values}
+        if scored:
+            ref = pick(scored, key=scored.get)
+            line += f"{'; ' if done else ''}best source {scored[ref]:.4g} ({ref})"
+        if done or scored:
+            lines.append(line)
     if done:
         lines.append(f"hypervolume: {hypervolume(study, names, directions):.4g} (reference: worst value seen per objective)")
     left = max(0, config.n_trials - count[TrialState.COMPLETE])
