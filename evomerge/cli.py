@@ -27,7 +27,7 @@ def _add_loading_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_opt_in_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
-                   help="also load *.bin/*.pt weights (pickle can run code; safetensors only by default)")
+                   help="also load pytorch_model*.bin weights (pickle can run code; safetensors only by default)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+    from evomerge.config import RunConfig
     from evomerge.recipe import Recipe
 
 
@@ -40,3 +41,18 @@ class Backend(Protocol):
     n_layers: int
 
     def materialize(self, recipe: Recipe) -> Candidate: ...
+
+
+def make_backend(config: RunConfig, refs: list[str], *, allow_pickle: bool = False,
+                 trust_remote_code: bool = False) -> Backend:
+    """The run's backend with its sources loaded (torch, transformers and the engine load here)."""
+    from evomerge.backends.hf import HfBackend
+    from evomerge.merge.materialize import Materializer
+    from evomerge.refs import resolve_path
+
+    materializer = Materializer(refs, dtype=config.dtype, device=config.device, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code, tokenizer_source=config.tokenizer_source)
+    if config.search_space.route is not None:
+        materializer.router  # a hub model that cannot be routed is refused before a study is made
+    return HfBackend(materializer, resolve_path(refs[0], allow_pickle=allow_pickle),
+                     batch_size=config.fitness.options.get("batch_size", 32))

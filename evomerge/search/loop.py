@@ -56,17 +56,11 @@ class Search:
         db = None if sqlite_file_missing(config.storage) else self._open_database()
         existing = find_study(config, db, to_run=True) if db else None
         start = time.perf_counter()
-        from evomerge.backends.hf import HfBackend  # torch, transformers, lm-eval
+        from evomerge.backends import make_backend  # torch, transformers, lm-eval
         from evomerge.evaluate import build_evaluator
-        from evomerge.merge.materialize import Materializer
 
-        first = resolve_path(refs[0], allow_pickle=allow_pickle)
-        self.evaluator = build_evaluator(config.fitness, first)
-        materializer = Materializer(refs, dtype=config.dtype, device=config.device, allow_pickle=allow_pickle,
-                                    trust_remote_code=trust_remote_code, tokenizer_source=config.tokenizer_source)
-        if config.search_space.route is not None:
-            materializer.router  # a hub model that cannot be routed is refused before a study is made
-        self.backend = HfBackend(materializer, first, batch_size=config.fitness.options.get("batch_size", 32))
+        self.evaluator = build_evaluator(config.fitness, resolve_path(refs[0], allow_pickle=allow_pickle))
+        self.backend = make_backend(config, refs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         self.load_seconds = time.perf_counter() - start
         self.db = db or self._open_database()
         self.study = existing or create_study(config, self.db, self.backend.n_layers)
