@@ -117,6 +117,8 @@ def allocate(size: int, counts: Sequence[int]) -> list[int]:
     """Largest-remainder apportionment of `size` over groups of `counts` items (exact integer
     arithmetic; never more than a group holds, as size <= sum(counts))."""
     total = sum(counts)
+    if size == 0:
+        return [0] * len(counts)
     shares = [size * c // total for c in counts]
     remainders = [size * c % total for c in counts]
     order = sorted(range(len(counts)), key=lambda i: (-remainders[i], -counts[i], i))

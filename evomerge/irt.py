@@ -1,0 +1,208 @@
+"""Item response theory fitted on a study's own per-item results, and estimators of a new
+candidate's full-split accuracy from its answers on a few items (tinyBenchmarks' p-IRT and
+gp-IRT: Polo et al., "tinyBenchmarks: evaluating LLMs with fewer examples", ICML 2024).
+
+Model (2PL): subject i answers item j correctly with probability
+
+    p_ij = sigmoid(a_j * (theta_{i,d(j)} - b_j)),    a_j = exp(alpha_j) > 0
+
+b_j is the item's difficulty, a_j its discrimination, theta the subject's ability. Items may
+be split over ability dimensions d(j): one per leaf task of a group, because a merge good at
+reversing is not thereby good at sorting (the zoo's experts are exactly that), and the
+likelihood then factorises per task. Fit: joint MAP over (theta, alpha, b) by L-BFGS with
+priors theta ~ N(0, 1) (fixes the scale), b ~ N(0, 2^2) and log a ~ N(0, 0.5^2) (the
+log-normal slope prior of classic IRT software): without them an item every subject got
+right has b = -inf, and a subject who got all 10-20 of its items right has theta = +inf and
+an estimated accuracy of 100%. A new subject's theta is the MAP with the item parameters
+fixed (Newton's method; the log-posterior is strictly concave in theta).
+
+Estimators of an estimand "mean of the metric over the items in E" (one task), given the
+seen items S (a fixed subset or anchors) and the fitted item parameters:
+- naive: the mean over S (random subsets), or sum_k m_k y_k over anchors with cluster
+  masses m_k;
+- p-IRT:  (1/|E|) * (sum_{j in S} y_j + sum_{j in E \\ S} p_j(theta_hat));
+- gp-IRT: lam * naive + (1 - lam) * p-IRT, lam = bias^2 / (bias^2 + var), where var is the
+  naive estimator's variance (mean over the fitted subjects of their per-item variance on E,
+  over |S|; over 4|S| for anchors, as tinyBenchmarks does) and bias is p-IRT's error on
+  held-out subjects (`irt_bias`): trust the few answers more when the IRT model is off.
+Anchors (tinyBenchmarks' "anchor-IRT"): k-means of the items in the IRT embedding
+(a_j, a_j b_j) (slope and intercept of the logit); per cluster the item nearest the centroid,
+weighted by the cluster's share of the items.
+
+Everything is plain numbers: `to_json`/`from_json` store a fitted model in a study.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+_NEWTON_STEPS, _NEWTON_MAX_STEP = 100, 2.0
+
+
+@dataclass(frozen=True)
+class Prior:
+    theta_sd: float = 1.0
+    b_sd: float = 2.0
+    log_a_sd: float = 0.5
+
+
+@dataclass(frozen=True)
+class Irt2PL:
+    """Fitted item parameters; `dims[j]` is item j's ability dimension."""
+
+    a: np.ndarray
+    b: np.ndarray
+    dims: np.ndarray
+    prior: Prior = field(default_factory=Prior)
+
+    @property
+    def n_dims(self) -> int:
+        return int(self.dims.max()) + 1 if len(self.dims) else 0
+
+    def prob(self, theta: np.ndarray) -> np.ndarray:
+        """(subjects, items) probabilities of a correct answer for abilities (subjects, dims)."""
+        return _sigmoid(self.a * (theta[:, self.dims] - self.b))
+
+    def abilities(self, y: np.ndarray) -> np.ndarray:
+        """MAP abilities (subjects, dims) from answers (subjects, items); NaN marks an item not seen."""
+        y = np.atleast_2d(y)
+        seen = ~np.isnan(y)
+        answers = np.where(seen, y, 0.0)
+        onehot = np.eye(self.n_dims)[self.dims]
+        theta = np.zeros((len(y), self.n_dims))
+        precision = 1.0 / self.prior.theta_sd ** 2
+        for _ in range(_NEWTON_STEPS):
+            p = self.prob(theta)
+            grad = (seen * self.a * (p - answers)) @ onehot + precision * theta
+            hess = (seen * self.a ** 2 * p * (1 - p)) @ onehot + precision
+            step = np.clip(grad / hess, -_NEWTON_MAX_STEP, _NEWTON_MAX_STEP)
+            theta -= step
+            if np.abs(step).max() < 1e-10:
+                break
+        return theta
+
+    def p_irt(self, y: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """p-IRT of the mean over `items` per subject: seen answers as they are, the rest predicted."""
+        y = np.atleast_2d(y)
+        predicted = np.where(np.isnan(y), self.prob(self.abilities(y)), y)
+        return predicted[:, items].mean(axis=1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"a": self.a.tolist(), "b": self.b.tolist(), "dims": self.dims.tolist(), "prior": asdict(self.prior)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Irt2PL":
+        return cls(np.array(data["a"], dtype=float), np.array(data["b"], dtype=float),
+                   np.array(data["dims"], dtype=int), Prior(**data["prior"]))
+
+
+def fit_2pl(y: np.ndarray, dims: Sequence[int] | None = None, prior: Prior = Prior()) -> tuple[Irt2PL, np.ndarray]:
+    """Joint MAP fit on answers (subjects, items) in {0, 1}, NaN where not evaluated; returns the
+    model and the subjects' abilities (subjects, dims). Deterministic (no random start)."""
+    from scipy.optimize import minimize
+
+    y = np.asarray(y, dtype=float)
+    dims = np.zeros(y.shape[1], dtype=int) if dims is None else np.asarray(dims, dtype=int)
+    n_subjects, n_items = y.shape
+    n_dims = int(dims.max()) + 1
+    seen = ~np.isnan(y)
+    answers = np.where(seen, y, 0.0)
+    onehot = np.eye(n_dims)[dims]
+    rate = np.clip((answers.sum(axis=0) + 0.5) / (seen.sum(axis=0) + 1.0), 0.05, 0.95)  # smoothed: no 0/0
+    start = np.concatenate([np.zeros(n_subjects * n_dims), np.zeros(n_items), -np.log(rate / (1 - rate))])
+
+    def loss(x: np.ndarray) -> tuple[float, np.ndarray]:
+        theta = x[:n_subjects * n_dims].reshape(n_subjects, n_dims)
+        alpha, b = x[n_subjects * n_dims:-n_items], x[-n_items:]
+        a = np.exp(alpha)
+        gap = theta[:, dims] - b
+        z = a * gap
+        nll = np.sum(seen * (np.logaddexp(0.0, z) - answers * z))
+        r = seen * (_sigmoid(z) - answers)
+        value = nll + 0.5 * (np.sum(theta ** 2) / prior.theta_sd ** 2 + np.sum(b ** 2) / prior.b_sd ** 2
+                             + np.sum(alpha ** 2) / prior.log_a_sd ** 2)
+        grad_theta = (r * a) @ onehot + theta / prior.theta_sd ** 2
+        grad_alpha = a * np.sum(r * gap, axis=0) + alpha / prior.log_a_sd ** 2
+        grad_b = -a * np.sum(r, axis=0) + b / prior.b_sd ** 2
+        return value, np.concatenate([grad_theta.ravel(), grad_alpha, grad_b])
+
+    x = minimize(loss, start, jac=True, method="L-BFGS-B", options={"maxiter": 10000, "maxfun": 20000,
+                                                                   "ftol": 1e-12, "gtol": 1e-7}).x
+    theta = x[:n_subjects * n_dims].reshape(n_subjects, n_dims)
+    model = Irt2PL(np.exp(x[n_subjects * n_dims:-n_items]), x[-n_items:], dims, prior)
+    return model, theta
+
+
+def gp_lambda(bias: float, variance: float) -> float:
+    """gp-IRT's weight on the naive estimate: bias^2 / (bias^2 + variance) (0 when both vanish)."""
+    total = bias ** 2 + variance
+    return bias ** 2 / total if total > 0 else 0.0
+
+
+def gp_irt(naive: np.ndarray | float, p_irt: np.ndarray | float, lam: float) -> np.ndarray | float:
+    return lam * naive + (1 - lam) * p_irt
+
+
+def naive_variance(y: np.ndarray, items: np.ndarray, n_seen: int, anchored: bool) -> float:
+    """Variance of the naive estimate from `n_seen` of `items`: the fitted subjects' mean per-item
+    variance over n (random items), or over 4n for anchors (tinyBenchmarks' heuristic: clustering
+    removes much of the sampling variance)."""
+    per_subject = np.nanvar(y[:, items], axis=1)
+    return float(np.mean(per_subject)) / (4 * n_seen if anchored else n_seen)
+
+
+def irt_bias(y: np.ndarray, dims: np.ndarray, estimands: dict[str, np.ndarray], prior: Prior = Prior(),
+             seed: int = 0) -> dict[str, float]:
+    """p-IRT's mean absolute error per estimand on held-out subjects (every 5th, as tinyBenchmarks
+    does): fitted on the others, each held-out subject shows a random half of the items and p-IRT
+    predicts the mean of the other half. Needs at least two subjects."""
+    held_out = np.arange(len(y))[::5] if len(y) >= 5 else np.arange(len(y))[-1:]
+    model, _ = fit_2pl(np.delete(y, held_out, axis=0), dims, prior)
+    rng = np.random.default_rng(seed)
+    hidden = rng.random(y.shape[1]) < 0.5
+    shown = np.where(hidden, np.nan, y[held_out])
+    predicted = model.prob(model.abilities(shown))
+    return {name: float(np.mean(np.abs(np.nanmean(np.where(hidden, predicted, np.nan)[:, items], axis=1)
+                                       - np.nanmean(np.where(hidden, y[held_out], np.nan)[:, items], axis=1))))
+            for name, items in estimands.items()}
+
+
+def anchors(model: Irt2PL, items: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` anchor items of `items` (sorted) and their weights (summing to 1): k-means clusters of
+    the items in the embedding (a_j, a_j b_j); from each cluster the item nearest its centroid,
+    weighted by the cluster's share of the items. Items with identical parameters (every fitted
+    subject answered them alike) can leave fewer distinct clusters than `n`: the remaining
+    anchors are then drawn uniformly inside the clusters, by largest remainder on their
+    sizes, and share their cluster's weight, so the item budget is always spent."""
+    from scipy.cluster.vq import kmeans2
+
+    from evomerge.subset import allocate
+
+    items = np.asarray(items)
+    n = min(n, len(items))
+    rng = np.random.default_rng(seed)
+    embedding = np.stack([model.a[items], model.a[items] * model.b[items]], axis=1)
+    k = min(n, len(np.unique(embedding, axis=0)))
+    with warnings.catch_warnings():  # an empty cluster is handled below
+        warnings.simplefilter("ignore")
+        centroids, label = kmeans2(embedding, k, minit="++", seed=rng)
+    clusters = [np.flatnonzero(label == c) for c in range(k)]
+    centres = [centroids[c] for c in range(k) if len(clusters[c])]
+    clusters = [members for members in clusters if len(members)]
+    extra = allocate(n - len(clusters), [len(m) - 1 for m in clusters])
+    chosen, weights = [], []
+    for members, centre, more in zip(clusters, centres, extra):
+        nearest = members[np.argmin(np.sum((embedding[members] - centre) ** 2, axis=1))]
+        picked = [nearest, *rng.choice(members[members != nearest], size=more, replace=False)]
+        chosen += [items[p] for p in picked]
+        weights += [len(members) / len(items) / len(picked)] * len(picked)
+    order = np.argsort(chosen)
+    return np.asarray(chosen)[order], np.asarray(weights)[order]
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow warning for large |z|
