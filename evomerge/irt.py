@@ -35,10 +35,12 @@ Everything is plain numbers: `to_json`/`from_json` store a fitted model in a stu
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
+
+from evomerge.item_results import ItemResults, item_positions
 
 _NEWTON_STEPS, _NEWTON_MAX_STEP = 100, 2.0
 
@@ -202,6 +204,94 @@ def anchors(model: Irt2PL, items: np.ndarray, n: int, seed: int = 0) -> tuple[np
         weights += [len(members) / len(items) / len(picked)] * len(picked)
     order = np.argsort(chosen)
     return np.asarray(chosen)[order], np.asarray(weights)[order]
+
+
+@dataclass(frozen=True)
+class IrtEstimator:
+    """A fitted model over a fixed item layout (columns: each leaf task's items in doc-id order,
+    tasks in `sizes` order), with per task the numbers gp-IRT needs: what a study stores and
+    refits as it grows. `anchor_weights` (column -> weight inside its task) is set when the
+    items a candidate sees are anchors."""
+
+    model: Irt2PL
+    sizes: dict[str, int]
+    bias: dict[str, float]
+    spread: dict[str, float]
+    anchor_weights: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> dict[str, np.ndarray]:
+        offsets = np.cumsum([0, *self.sizes.values()])
+        return {task: np.arange(offsets[k], offsets[k + 1]) for k, task in enumerate(self.sizes)}
+
+    def estimates(self, y: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """Per task, for each row of answers (NaN: not evaluated): the naive, p-IRT and gp-IRT
+        estimates of the task's mean over all its items."""
+        y = np.atleast_2d(y)
+        predicted = np.where(np.isnan(y), self.model.prob(self.model.abilities(y)), y)
+        out = {}
+        for task, items in self.columns.items():
+            seen = ~np.isnan(y[:, items])
+            weights = np.array([self.anchor_weights.get(int(j), 1.0) for j in items]) * seen
+            totals = weights.sum(axis=1)
+            naive = np.nansum(y[:, items] * weights, axis=1) / np.where(totals > 0, totals, 1.0)
+            p_irt = predicted[:, items].mean(axis=1)
+            n_seen = seen.sum(axis=1)
+            variance = self.spread[task] / np.maximum(n_seen, 1) / (4 if self.anchor_weights else 1)
+            lam = np.where(n_seen > 0, [gp_lambda(self.bias[task], v) for v in variance], 0.0)
+            out[task] = {"naive": naive, "p_irt": p_irt, "gp_irt": gp_irt(naive, p_irt, lam)}
+        return out
+
+    def estimate(self, results: ItemResults, metric: str, kind: str = "gp_irt") -> dict[str, dict[str, float]]:
+        """{task: {metric: estimate}} from one candidate's results (the form
+        `item_results.aggregate_scores` turns into scores, groups included, with `sizes`)."""
+        y = answer_matrix([results], self.sizes, metric)
+        return {task: {metric: float(e[kind][0])} for task, e in self.estimates(y).items()}
+
+    def with_anchors(self, n: int, seed: int = 0) -> "IrtEstimator":
+        """The same model estimating from `n` anchors, split over tasks as subsets are."""
+        from evomerge.subset import allocate
+
+        weights = {}
+        for (task, items), k in zip(self.columns.items(), allocate(n, list(self.sizes.values()))):
+            chosen, w = anchors(self.model, items, k, seed)
+            weights.update({int(j): float(v) for j, v in zip(chosen, w)})
+        return replace(self, anchor_weights=weights)
+
+    def anchor_items(self) -> dict[str, list[int]]:
+        """{task: doc ids} of the anchors: the items each candidate is evaluated on."""
+        return {task: [int(j - items[0]) for j in items if int(j) in self.anchor_weights]
+                for task, items in self.columns.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model.to_json(), "sizes": self.sizes, "bias": self.bias, "spread": self.spread,
+                "anchor_weights": {str(j): w for j, w in self.anchor_weights.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "IrtEstimator":
+        return cls(Irt2PL.from_json(data["model"]), dict(data["sizes"]), dict(data["bias"]), dict(data["spread"]),
+                   {int(j): float(w) for j, w in data["anchor_weights"].items()})
+
+
+def fit_estimator(y: np.ndarray, sizes: dict[str, int], prior: Prior = Prior(), seed: int = 0,
+                  per_task: bool = True) -> IrtEstimator:
+    """Fit on fully scored rows (subjects, items), one ability per task (or one in all); bias from
+    held-out subjects (`irt_bias`), spread from the rows themselves."""
+    dims = np.repeat(np.arange(len(sizes)) if per_task else np.zeros(len(sizes), dtype=int), list(sizes.values()))
+    model, _ = fit_2pl(y, dims, prior)
+    columns = IrtEstimator(model, sizes, {}, {}).columns
+    spread = {task: naive_variance(y, items, 1, anchored=False) for task, items in columns.items()}
+    return IrtEstimator(model, dict(sizes), irt_bias(y, dims, columns, prior, seed), spread)
+
+
+def answer_matrix(rows: Sequence[ItemResults], sizes: dict[str, int], metric: str) -> np.ndarray:
+    """(rows, items) of one per-item metric in the columns of `sizes`, NaN where not evaluated."""
+    positions = item_positions(sizes)
+    y = np.full((len(rows), len(positions)), np.nan)
+    for r, results in enumerate(rows):
+        for task, ids in results.ids.items():
+            y[r, [positions[(task, i)] for i in ids]] = results.values[task][metric]
+    return y
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluate import flatten_results, quiet
 
 Item = tuple[str, int]  # (leaf task name, doc index in its evaluated split)
 FORMAT = 1
@@ -106,6 +105,8 @@ def evaluate_items(lm: Any, task_dict: dict[str, Any], items: dict[str, list[int
     aggregate over the rest, exactly as lm-eval does for those items."""
     from lm_eval.evaluator import evaluate
 
+    from evomerge.evaluate import flatten_results, quiet
+
     if items is not None and limit is not None:
         raise EvomergeError("a fitness subset and `limit` exclude each other: drop `limit`")
     tasks = task_dict["tasks"] if items is None else {t: task_dict["tasks"][t] for t in items if items[t]}
@@ -122,15 +123,34 @@ def scores_from_items(task_dict: dict[str, Any], results: ItemResults) -> dict[s
     candidate whose items were evaluated in several chunks."""
     from lm_eval.api.metrics import mean
 
-    metrics: dict[str, dict[str, Any]] = {}
+    per_task = {}
     for task, values in results.values.items():
         aggregation = task_dict["tasks"][task].aggregation()
-        metrics[task] = {"sample_len": len(results.ids[task]),
-                         **{key: aggregation.get(key.partition(",")[0], mean)(v) for key, v in values.items()}}
+        per_task[task] = {key: aggregation.get(key.partition(",")[0], mean)(v) for key, v in values.items()}
+    return aggregate_scores(task_dict, per_task, {task: len(ids) for task, ids in results.ids.items()})
+
+
+def aggregate_scores(task_dict: dict[str, Any], per_task: dict[str, dict[str, float]],
+                     sizes: dict[str, int]) -> dict[str, float]:
+    """Scores keyed as flatten_results keys them from per-task metric values ({task: {"acc,none":
+    0.5}}) standing for `sizes[task]` items each, with the groups lm-eval would report over them."""
+    from evomerge.evaluate import flatten_results, quiet  # torch-free imports for whoever only reads results
+
+    metrics: dict[str, dict[str, Any]] = {task: {"sample_len": sizes[task], **values} for task, values in per_task.items()}
     with quiet():  # a group whose members were not all evaluated warns about each absent one
         for name, group in task_dict["groups"].items():
             metrics[name] = group.aggregate(metrics)
     return flatten_results(metrics)
+
+
+def item_positions(sizes: dict[str, int]) -> dict[Item, int]:
+    """Each item's place in the evaluated split, tasks in task-dict order: the column of a results
+    matrix and the step number a pruner sees."""
+    positions, offset = {}, 0
+    for task, n in sizes.items():
+        positions.update({(task, i): offset + i for i in range(n)})
+        offset += n
+    return positions
 
 
 def _checked_ids(name: str, task: Any, ids: list[int]) -> list[int]:

@@ -7,6 +7,7 @@ The pieces the search loop calls, per trial:
 
     order = race_order(study_seed, trial_number, items)        # items: the split or the study's subset
     weights = item_weights(signed_weights, task_dict)          # once per run
+    steps = item_positions(task_sizes(task_dict))              # once per run
     for chunk in chunks(order, size):
         _, part = evaluate_items(candidate.lm, task_dict, chunk)
         results = part if results is None else results.merged(part)
@@ -75,15 +76,6 @@ def chunks(order: Sequence[Item], size: int) -> Iterator[dict[str, list[int]]]:
         yield by_task(order[start:start + size])
 
 
-def item_steps(sizes: dict[str, int]) -> dict[Item, int]:
-    """Each item's step number for the pruner: its place in the split, tasks in task-dict order."""
-    steps, offset = {}, 0
-    for task, n in sizes.items():
-        steps.update({(task, i): offset + i for i in range(n)})
-        offset += n
-    return steps
-
-
 def item_weights(signed: dict[str, float], task_dict: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per leaf task and lm-eval metric key, the factor that turns an item's metric value into its
     share of the scalarized fitness, scaled so that the mean over every item of the split is the
@@ -119,8 +111,9 @@ def _group_shares(group: Any, metric: str, total: int) -> dict[str, float]:
 
 def item_values(results: ItemResults, weights: dict[str, dict[str, float]], steps: dict[Item, int],
                 constant: float = 0.0) -> dict[int, float]:
-    """{step: the item's contribution to the scalarized fitness} (see `item_weights`); `constant`
-    is the part of the fitness that does not depend on items (weighted costs such as param_count)."""
+    """{step: the item's contribution to the scalarized fitness} (see `item_weights`), steps from
+    `item_positions`; `constant` is the part of the fitness that does not depend on items
+    (weighted costs such as param_count)."""
     values: dict[int, float] = {}
     for task, ids in results.ids.items():
         per_metric = [(np.asarray(results.values[task][key]), w) for key, w in weights.get(task, {}).items()]

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr
 
-from evomerge.irt import Irt2PL, Prior, anchors, fit_2pl, gp_irt, gp_lambda, naive_variance
+from evomerge.irt import (Irt2PL, IrtEstimator, Prior, anchors, answer_matrix, fit_2pl, fit_estimator, gp_irt, gp_lambda,
+                          naive_variance)
+from evomerge.item_results import ItemResults, aggregate_scores
 
 
 def simulate(n_subjects: int, n_items: int, n_dims: int = 1, seed: int = 0):
@@ -137,3 +139,73 @@ def test_deterministic_and_plain_json(simulated):
     text = json.dumps(first.to_json(), allow_nan=False)
     back = Irt2PL.from_json(json.loads(text))
     assert back.prior == Prior() and np.array_equal(back.prob(theta), first.prob(theta))
+
+
+@pytest.fixture(scope="module")
+def three_tasks():
+    """Answers of 80 subjects on three tasks of 200 items, one ability per task, as ItemResults."""
+    y, *_ = simulate(80, 600, n_dims=3, seed=5)
+    sizes = {"zoo_rev": 200, "zoo_srt": 200, "zoo_cae": 200}
+    dims = np.arange(600) % 3
+    order = np.concatenate([np.flatnonzero(dims == d) for d in range(3)])  # task-major columns
+    rows = [ItemResults({t: list(range(200)) for t in sizes},
+                        {t: {"acc,none": y[r, order[200 * k:200 * (k + 1)]].tolist()} for k, t in enumerate(sizes)})
+            for r in range(len(y))]
+    return rows, sizes
+
+
+def test_answer_matrix_places_each_item_in_its_column(three_tasks):
+    rows, sizes = three_tasks
+    partial = ItemResults({"zoo_srt": [0, 199]}, {"zoo_srt": {"acc,none": [1.0, 0.0]}})
+    y = answer_matrix([rows[0], partial], sizes, "acc,none")
+    assert y[0, 200:400].tolist() == rows[0].values["zoo_srt"]["acc,none"]
+    assert y[1, 200] == 1.0 and y[1, 399] == 0.0 and np.isnan(y[1]).sum() == 598
+
+
+def test_estimator_on_every_item_is_the_plain_mean_and_round_trips(three_tasks):
+    rows, sizes = three_tasks
+    y = answer_matrix(rows, sizes, "acc,none")
+    estimator = fit_estimator(y[:60], sizes)
+    for kind in ("naive", "p_irt", "gp_irt"):
+        for task, value in estimator.estimate(rows[70], "acc,none", kind).items():
+            assert value == {"acc,none": pytest.approx(np.mean(rows[70].values[task]["acc,none"]), abs=1e-12)}
+    back = IrtEstimator.from_json(json.loads(json.dumps(estimator.with_anchors(30).to_json(), allow_nan=False)))
+    held_out = np.where(np.random.default_rng(0).random(600) < 0.05, y[60:], np.nan)
+    for task, e in estimator.with_anchors(30).estimates(held_out).items():
+        assert np.array_equal(back.estimates(held_out)[task]["gp_irt"], e["gp_irt"])
+
+
+def test_anchored_estimates_beat_their_own_weighted_mean_on_held_out_subjects(three_tasks):
+    """20 anchors (7/7/6 per task) of subjects the model never saw: p-IRT and gp-IRT are closer to
+    the true task means than the anchors' weighted mean alone (the point of IRT), and gp-IRT
+    lies between the two it combines."""
+    rows, sizes = three_tasks
+    y = answer_matrix(rows, sizes, "acc,none")
+    estimator = fit_estimator(y[:60], sizes).with_anchors(20, seed=1)
+    assert {t: len(ids) for t, ids in estimator.anchor_items().items()} == {"zoo_rev": 7, "zoo_srt": 7, "zoo_cae": 6}
+    seen = np.array(sorted(estimator.anchor_weights))
+    shown = np.full_like(y[60:], np.nan)
+    shown[:, seen] = y[60:, seen]
+    errors = {kind: [] for kind in ("naive", "p_irt", "gp_irt")}
+    for task, e in estimator.estimates(shown).items():
+        truth = y[60:, estimator.columns[task]].mean(axis=1)
+        for kind in errors:
+            errors[kind].append(np.abs(e[kind] - truth).mean())
+        low, high = np.minimum(e["naive"], e["p_irt"]), np.maximum(e["naive"], e["p_irt"])
+        assert np.all((low - 1e-12 <= e["gp_irt"]) & (e["gp_irt"] <= high + 1e-12))
+    assert np.mean(errors["p_irt"]) < np.mean(errors["naive"]) and np.mean(errors["gp_irt"]) < np.mean(errors["naive"])
+
+
+def test_estimates_aggregate_into_the_groups_scores(three_tasks):
+    from pathlib import Path
+
+    from evomerge.evaluate import load_tasks
+
+    rows, sizes = three_tasks
+    _, task_dict = load_tasks(["zoo_target"], Path("evaluators/tasks"))
+    estimator = fit_estimator(answer_matrix(rows[:60], sizes, "acc,none"), sizes)
+    few = ItemResults({t: [0, 5, 9] for t in sizes}, {t: {"acc,none": rows[70].values[t]["acc,none"][:3]} for t in sizes})
+    per_task = estimator.estimate(few, "acc,none")
+    scores = aggregate_scores(task_dict, per_task, sizes)
+    assert scores["zoo_target/acc"] == pytest.approx(np.mean([v["acc,none"] for v in per_task.values()]))
+    assert scores["zoo_rev/acc"] == per_task["zoo_rev"]["acc,none"]

@@ -13,8 +13,8 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.evaluate import load_tasks
-from evomerge.item_results import ItemResults, by_task
-from evomerge.racing import chunks, item_steps, item_values, item_weights, partial_mean, race_order, should_prune
+from evomerge.item_results import ItemResults, by_task, item_positions
+from evomerge.racing import chunks, item_values, item_weights, partial_mean, race_order, should_prune
 
 SIZES = {"zoo_rev": 200, "zoo_srt": 200, "zoo_cae": 200}
 ITEMS = [(t, i) for t, n in SIZES.items() for i in range(n)]
@@ -56,7 +56,7 @@ def test_item_values_average_to_the_scalarized_fitness(task_dict):
     results = as_results(y, ITEMS)
     accs = {t: results.values[t]["acc,none"] for t in SIZES}
     means = {t: sum(v) / len(v) for t, v in accs.items()}
-    steps = item_steps(SIZES)
+    steps = item_positions(SIZES)
     # the demo's scalarization: rev + srt + cae (each weight 1)
     per_task = item_weights({f"{t}/acc": 1.0 for t in SIZES}, task_dict)
     assert per_task == {t: {"acc,none": 3.0} for t in SIZES}
@@ -75,7 +75,7 @@ def test_decisions_equal_optunas_own_per_item_reports():
     what `trial.should_prune()` decides after `trial.report(value, step=item)` for each item."""
     rng = np.random.default_rng(1)
     difficulty = rng.normal(0, 1.5, 600)
-    steps = item_steps(SIZES)
+    steps = item_positions(SIZES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=20)
