@@ -5,17 +5,19 @@ best candidate so far (Optuna's `WilcoxonPruner`, a paired signed-rank test per 
 
 The pieces the search loop calls, per trial:
 
-    order = race_order(study_seed, trial_number, items)        # items: the split or the study's subset
     weights = item_weights(signed_weights, task_dict)          # once per run
     steps = item_positions(task_sizes(task_dict))              # once per run
-    for chunk in chunks(order, size):
+    reference = race_reference(study)                          # once per trial
+    best = reference and item_values(ItemResults.from_json(reference.user_attrs[ITEM_RESULTS]), weights, steps)
+    order = race_order(study_seed, trial_number, items)        # items: the split or the study's subset
+    results = carried                                          # a retry's killed attempt, else None;
+    # with results carried, decide once on them first (the same decision the killed attempt made)
+    for chunk in chunks(order, size, done=results):
         _, part = evaluate_items(candidate.lm, task_dict, chunk)
         results = part if results is None else results.merged(part)
-        trial.set_user_attr("item_results", results.to_json())  # a killed race resumes from here
-        if should_prune(best_values, item_values(results, weights, steps), p_threshold, min_items):
-            break
-
-`best_values` is `item_values` of the best *fully scored* trial (by the scalarization).
+        trial.set_user_attr(ITEM_RESULTS, results.to_json())   # a killed race resumes from here
+        if best and should_prune(best, item_values(results, weights, steps), p_threshold, min_items):
+            break                                              # tell PRUNED, with `estimate` and `items`
 
 Facts about Optuna 5.0 behind these choices (checked in tests/test_racing.py):
 - `trial.report(value, step=item)` + `trial.should_prune()` works only in a single-objective
@@ -30,7 +32,10 @@ Facts about Optuna 5.0 behind these choices (checked in tests/test_racing.py):
   a pruned trial's `value`; its estimate lives in user attrs.
 - The order must be shuffled per trial (the pruner's docs say so too): a fixed order lets
   the first items decide every race. Seeded by (study seed, trial number), a resumed or
-  retried trial (take the number of the trial it retries) races the same order.
+  retried trial (take the number of the trial it retries, the first of its retry history)
+  races the same order; its killed attempt's `item_results` (copied onto the retry like
+  its params) are skipped by `chunks`, so nothing is evaluated twice and, against the same
+  reference, every decision is the same.
 
 What each sampler is told about a pruned trial. It is stored as `state=PRUNED` (so Optuna's
 `best_trial`, the Pareto archive and the race's reference hold fully scored trials only) with
@@ -64,16 +69,33 @@ import numpy as np
 from evomerge.item_results import Item, ItemResults, by_task
 
 
+ITEM_RESULTS = "item_results"  # trial user attr: ItemResults.to_json() of what it evaluated
+
+
+def race_reference(study: Any) -> Any:
+    """The trial a race compares with (a FrozenTrial, or None): the best fully scored one, i.e.
+    the COMPLETE trial with item results and the highest told value (the scalarization), the
+    earliest among equals. Pruned trials are PRUNED, never this."""
+    from optuna.trial import TrialState
+
+    scored = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if ITEM_RESULTS in t.user_attrs]
+    return max(scored, key=lambda t: (t.value, -t.number), default=None)
+
+
 def race_order(seed: int, trial_number: int, items: Sequence[Item]) -> list[Item]:
     """`items` in an order drawn from (study seed, trial number): the same on every resume."""
     permutation = np.random.default_rng([seed, trial_number]).permutation(len(items))
     return [items[i] for i in permutation]
 
 
-def chunks(order: Sequence[Item], size: int) -> Iterator[dict[str, list[int]]]:
-    """Consecutive chunks of the race order as {task: doc ids}, the form `evaluate_items` takes."""
-    for start in range(0, len(order), size):
-        yield by_task(order[start:start + size])
+def chunks(order: Sequence[Item], size: int, done: ItemResults | None = None) -> Iterator[dict[str, list[int]]]:
+    """Consecutive chunks of the race order as {task: doc ids}, the form `evaluate_items` takes,
+    leaving out the items `done` holds: a retried trial carries its killed attempt's results
+    (stored whole after each chunk) and races on from the next chunk, evaluating nothing twice."""
+    evaluated = set(done.items()) if done is not None else set()
+    remaining = [item for item in order if item not in evaluated]
+    for start in range(0, len(remaining), size):
+        yield by_task(remaining[start:start + size])
 
 
 def item_weights(signed: dict[str, float], task_dict: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 
 from evomerge.evaluate import load_tasks
 from evomerge.item_results import ItemResults, by_task, item_positions
-from evomerge.racing import chunks, item_values, item_weights, partial_mean, race_order, should_prune
+from evomerge.racing import (ITEM_RESULTS, chunks, item_values, item_weights, partial_mean, race_order, race_reference,
+                             should_prune)
 
 SIZES = {"zoo_rev": 200, "zoo_srt": 200, "zoo_cae": 200}
 ITEMS = [(t, i) for t, n in SIZES.items() for i in range(n)]
@@ -48,6 +49,9 @@ def test_race_order_is_a_seeded_permutation_per_trial():
     parts = list(chunks(first, 20))
     assert len(parts) == 30 and all(sum(map(len, p.values())) == 20 for p in parts)
     assert sorted((t, i) for p in parts for t, ids in p.items() for i in ids) == sorted(ITEMS)
+    # a retry carrying its killed attempt's first 3 chunks races on with chunk 4
+    done = as_results(np.zeros(600), [(t, i) for p in parts[:3] for t, ids in p.items() for i in ids])
+    assert list(chunks(first, 20, done=done)) == parts[3:]
 
 
 def test_item_values_average_to_the_scalarized_fitness(task_dict):
@@ -80,11 +84,13 @@ def test_decisions_equal_optunas_own_per_item_reports():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=20)
     study = optuna.create_study(direction="maximize", pruner=pruner)
-    best: dict[int, float] | None = None
+    weights = {t: {"acc,none": 1.0} for t in SIZES}
     decisions, used = [], []
     for number, skill in enumerate(rng.uniform(0.3, 0.8, 24)):
         trial = study.ask()
         y = answers(skill, difficulty, rng)
+        reference = race_reference(study)
+        best = reference and item_values(ItemResults.from_json(reference.user_attrs[ITEM_RESULTS]), weights, steps)
         results = None
         for chunk in chunks(race_order(0, trial.number, ITEMS), 20):
             items = [(t, i) for t, ids in chunk.items() for i in ids]
@@ -92,21 +98,21 @@ def test_decisions_equal_optunas_own_per_item_reports():
             results = part if results is None else results.merged(part)
             for item in items:
                 trial.report(float(y[steps[item]]), step=steps[item])
-            ours = best is not None and should_prune(best, item_values(results, {t: {"acc,none": 1.0} for t in SIZES}, steps))
+            ours = bool(best) and should_prune(best, item_values(results, weights, steps))
             assert ours == trial.should_prune()
             decisions.append(ours)
             if ours:
                 break
-        current = item_values(results, {t: {"acc,none": 1.0} for t in SIZES}, steps)
+        current = item_values(results, weights, steps)
         used.append(len(current))
+        trial.set_user_attr(ITEM_RESULTS, results.to_json())
         if decisions[-1]:
             study.tell(trial, state=TrialState.PRUNED)
             frozen = study.trials[-1]
             assert frozen.value == frozen.intermediate_values[max(frozen.intermediate_values)]  # not a partial mean
         else:
             study.tell(trial, partial_mean(current))
-            if best is None or partial_mean(current) > partial_mean(best):
-                best = current
+            assert race_reference(study).number == study.best_trial.number
     assert sum(decisions) >= 5 and np.mean(used) < 400  # racing saved items: it was a real test
 
 
