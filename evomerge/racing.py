@@ -23,6 +23,8 @@ Facts about Optuna 5.0 behind these choices (checked in tests/test_racing.py):
 - `trial.report(value, step=item)` + `trial.should_prune()` works only in a single-objective
   study (both raise NotImplementedError with several directions, i.e. with NSGA-II), writes
   one row per item to the storage, and compares with `study.best_trial`, whatever that is.
+  On SQLite here (2 shared cores) a report took ~22 ms (13 s for 600 items, against ~3 s to
+  evaluate them) and `should_prune` ~230 ms; this module's decision takes ~9 ms.
   `should_prune` here runs the very same `WilcoxonPruner` on an in-memory study holding only
   the best fully scored trial, so the decision is the same, the storage sees one write per
   chunk (`item_results`) instead of one per item, and a pruned trial can never become the
@@ -62,18 +64,21 @@ at the moment the race stopped it, so it leans low, the direction that stopped i
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from evomerge.item_results import Item, ItemResults, by_task
 
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
 
 ITEM_RESULTS = "item_results"  # trial user attr: ItemResults.to_json() of what it evaluated
 
 
-def race_reference(study: Any) -> Any:
-    """The trial a race compares with (a FrozenTrial, or None): the best fully scored one, i.e.
+def race_reference(study: optuna.Study) -> FrozenTrial | None:
+    """The trial a race compares with, or None: the best fully scored one, i.e.
     the COMPLETE trial with item results and the highest told value (the scalarization), the
     earliest among equals. Pruned trials are PRUNED, never this."""
     from optuna.trial import TrialState
