@@ -157,8 +157,8 @@ class Worker:
     def next_trial(self, n_trials: int) -> Iterator[optuna.Trial | None]:
         """The trial this worker runs next, claimed and kept alive while the block runs; None when
         there is none to take now (a budget of `n_trials` completed trials is taken, or the rest of
-        a CMA-ES generation runs on other workers: wait and ask again). If another worker failed the trial meanwhile (a
-        heartbeat later than the grace period), the block ends there, with one line."""
+        a CMA-ES generation runs on other workers: wait and ask again). If another worker failed the
+        trial meanwhile (a heartbeat later than the grace period), the block ends there, with one line."""
         taken = self._take(n_trials)
         if taken is None:
             yield None
