@@ -64,17 +64,55 @@ at the moment the race stopped it, so it leans low, the direction that stopped i
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from evomerge.errors import EvomergeError
 from evomerge.item_results import Item, ItemResults, by_task
+from evomerge.search.attrs import ITEM_RESULTS
+from evomerge.yamlio import check_keys
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-ITEM_RESULTS = "item_results"  # trial user attr: ItemResults.to_json() of what it evaluated
+PRUNERS = ("wilcoxon",)
+
+
+@dataclass(frozen=True)
+class RacingSpec:
+    """`racing:` of a fitness spec (every key optional; the defaults are WilcoxonPruner's own
+    p_threshold and a chunk as large as the smallest sample it decides on)."""
+
+    pruner: str = "wilcoxon"
+    p_threshold: float = 0.1
+    min_items: int = 20
+    chunk: int = 20
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "fitness spec") -> "RacingSpec":
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{where}: racing must be {{pruner: wilcoxon, p_threshold: P, min_items: N, chunk: N}}, "
+                                f"got {data!r}")
+        check_keys(data, {"pruner", "p_threshold", "min_items", "chunk"}, f"{where}: racing")
+        spec = cls(**data)
+        if spec.pruner not in PRUNERS:
+            raise EvomergeError(f"{where}: racing.pruner must be one of {list(PRUNERS)}, got {spec.pruner!r}")
+        p = spec.p_threshold
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p < 1:
+            raise EvomergeError(f"{where}: racing.p_threshold must be a number between 0 and 1, got {p!r}")
+        for key in ("min_items", "chunk"):
+            value = getattr(spec, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EvomergeError(f"{where}: racing.{key} must be a positive integer (items), got {value!r}")
+        return cls(spec.pruner, float(p), spec.min_items, spec.chunk)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def race_reference(study: optuna.Study) -> FrozenTrial | None:
@@ -101,6 +139,25 @@ def chunks(order: Sequence[Item], size: int, done: ItemResults | None = None) ->
     remaining = [item for item in order if item not in evaluated]
     for start in range(0, len(remaining), size):
         yield by_task(remaining[start:start + size])
+
+
+def race(evaluate: Callable[[dict[str, list[int]]], ItemResults], order: Sequence[Item], size: int,
+         carried: ItemResults | None, stop: Callable[[ItemResults], bool],
+         store: Callable[[ItemResults], None]) -> tuple[ItemResults | None, bool]:
+    """Evaluate `order` chunk by chunk, `store` the results so far after each chunk, until `stop`
+    says so or the order is done; returns (results, stopped). `carried` results (a retry's killed
+    attempt) are decided on first, as the killed attempt decided after its last stored chunk,
+    and never evaluated again."""
+    results = carried
+    if results is not None and stop(results):
+        return results, True
+    for part in chunks(order, size, done=results):
+        new = evaluate(part)
+        results = new if results is None else results.merged(new)
+        store(results)
+        if stop(results):
+            return results, True
+    return results, False
 
 
 def item_weights(signed: dict[str, float], task_dict: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -171,5 +228,14 @@ def should_prune(best: dict[int, float], current: dict[int, float], p_threshold:
 
 
 def partial_mean(values: dict[int, float]) -> float:
-    """The race's estimate of the full-split fitness without an estimator: the mean item value so far."""
+    """The mean item value so far."""
     return float(np.mean(list(values.values())))
+
+
+def paired_estimate(best: dict[int, float], current: dict[int, float]) -> float:
+    """A pruned candidate's full-split fitness without an estimator: the reference's mean over every
+    item plus the candidate's mean difference from it on the items it saw. The reference's
+    values are a control variate: the difference varies far less than the item values themselves
+    (both candidates find the same items hard), so this errs less than the partial mean, and it
+    rests on the very comparison that stopped the candidate."""
+    return partial_mean(best) + float(np.mean([v - best[step] for step, v in current.items()]))
