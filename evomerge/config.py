@@ -124,6 +124,9 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
     budget = data.get("budget") or {}
     if not isinstance(budget, dict) or set(budget) - {"n_trials", "wall_clock_s", "items"}:
         raise _err(where, "budget", "{n_trials: N, wall_clock_s: SECONDS, items: N}", budget)
+    if "items" in budget and fitness.kind != "lm_eval":
+        raise EvomergeError(f"{where}: budget.items counts lm-eval items, which a {fitness.kind} fitness does not "
+                            "record: use n_trials or wall_clock_s")
     wall = budget.get("wall_clock_s")
     if wall is not None and (not isinstance(wall, (int, float)) or isinstance(wall, bool) or wall <= 0):
         raise _err(where, "budget.wall_clock_s", "a positive number of seconds", wall)

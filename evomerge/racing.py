@@ -3,21 +3,10 @@ best candidate so far (Optuna's `WilcoxonPruner`, a paired signed-rank test per 
 
     racing: {pruner: wilcoxon, p_threshold: 0.1, min_items: 20, chunk: 20}
 
-The pieces the search loop calls, per trial:
-
-    weights = item_weights(signed_weights, task_dict)          # once per run
-    steps = item_positions(task_sizes(task_dict))              # once per run
-    reference = race_reference(study)                          # once per trial
-    best = reference and item_values(ItemResults.from_json(reference.user_attrs[ITEM_RESULTS]), weights, steps)
-    order = race_order(study_seed, trial_number, items)        # items: the split or the study's subset
-    results = carried                                          # a retry's killed attempt, else None;
-    # with results carried, decide once on them first (the same decision the killed attempt made)
-    for chunk in chunks(order, size, done=results):
-        _, part = evaluate_items(candidate.lm, task_dict, chunk)
-        results = part if results is None else results.merged(part)
-        trial.set_user_attr(ITEM_RESULTS, results.to_json())   # a killed race resumes from here
-        if best and should_prune(best, item_values(results, weights, steps), p_threshold, min_items):
-            break                                              # tell PRUNED, with `estimate` and `items`
+The search wires these pieces per trial in evomerge.search.scoring (`ItemScoring.evaluate`):
+the reference's item values (`race_reference`, `item_values`), the trial's order (`race_order`),
+and `race`, which evaluates chunk by chunk, stores the results after each, and asks
+`should_prune` while items remain.
 
 Facts about Optuna 5.0 behind these choices (checked in tests/test_racing.py):
 - `trial.report(value, step=item)` + `trial.should_prune()` works only in a single-objective
@@ -33,32 +22,32 @@ Facts about Optuna 5.0 behind these choices (checked in tests/test_racing.py):
   step*: with item ids as steps that is one item's 0/1, not a partial mean. Nothing may read
   a pruned trial's `value`; its estimate lives in user attrs.
 - The order must be shuffled per trial (the pruner's docs say so too): a fixed order lets
-  the first items decide every race. Seeded by (study seed, trial number), a resumed or
-  retried trial (take the number of the trial it retries, the first of its retry history)
-  races the same order; its killed attempt's `item_results` (copied onto the retry like
-  its params) are skipped by `chunks`, so nothing is evaluated twice and, against the same
-  reference, every decision is the same.
+  the first items decide every race. The search seeds it by (study seed, the trial's fresh
+  place: evomerge.search.samplers), which a retry shares with the trial it retries and which
+  no kill shifts (trial numbers do), so a resumed search races the same orders; a killed
+  attempt's `item_results` (stored after every chunk) are carried by its retry and skipped
+  by `chunks`, so nothing is evaluated twice and, against the same reference, every decision
+  is the same.
 
 What each sampler is told about a pruned trial. It is stored as `state=PRUNED` (so Optuna's
 `best_trial`, the Pareto archive and the race's reference hold fully scored trials only) with
 user attrs `items` (how many were evaluated), `item_results`, and `estimate`: the best
 available estimate of its full-split scalarized fitness, i.e. the estimator's value
-(`estimator: {kind: irt}`: gp-IRT from its answers) or, without an estimator, the partial
-mean of its item values (unbiased for the full mean under the shuffled order; it is computed
-at the moment the race stopped it, so it leans low, the direction that stopped it).
-- CMA-ES (evomerge's pycma sampler) needs a value for every member of a generation: tell it
-  `estimate`, not the failure penalty (worst + spread) it gives a PRUNED slot today. CMA-ES
-  uses ranks only; a pruned member is significantly worse than the best *so far*, not
-  necessarily worse than its generation's other members, and active CMA (pycma's default)
-  weighs the ranks of the worst members too, so a penalty throws away real information. The
-  change is in `_slot_outcome` of evomerge/search/cma_sampler.py: a PRUNED trial with an
-  `estimate` user attr gives that value (minimisation sign applied like a COMPLETE one).
-- TPE sees PRUNED trials itself and ranks them by (last step, value at it): with item ids
-  as steps that order is arbitrary, but they only enter its "good" group when fewer
-  complete trials than the group's size exist, so it is harmless; told nothing more.
+(`estimator: {kind: irt}`: gp-IRT from its answers) or, without an estimator,
+`paired_estimate`: the reference's full mean plus the candidate's mean difference from it on
+the items it saw (the comparison that stopped it; the partial mean alone errs more, since
+the items drawn so far may be easy or hard for every candidate).
+- CMA-ES (evomerge's pycma sampler) needs a value for every member of a generation: it is
+  told `estimate`, not the failure penalty (worst + spread) a failed slot gets
+  (`_slot_outcome` in evomerge/search/cma_sampler.py). CMA-ES uses ranks only; a pruned
+  member is significantly worse than the best *so far*, not necessarily worse than its
+  generation's other members, and active CMA (pycma's default) weighs the ranks of the worst
+  members too, so a penalty would throw away real information.
+- TPE sees PRUNED trials itself: without intermediate values (none are reported to Optuna)
+  it ranks them below every complete trial; told nothing more.
 - Random: nothing to tell.
 - NSGA-II: racing is refused (a race compares one scalar per item; a candidate worse on the
-  scalarization may still be on the Pareto front). Refuse `racing` with `sampler: nsga2`.
+  scalarization may still be on the Pareto front): `racing` with `sampler: nsga2` is a config error.
 """
 
 from __future__ import annotations
@@ -145,17 +134,19 @@ def race(evaluate: Callable[[dict[str, list[int]]], ItemResults], order: Sequenc
          carried: ItemResults | None, stop: Callable[[ItemResults], bool],
          store: Callable[[ItemResults], None]) -> tuple[ItemResults | None, bool]:
     """Evaluate `order` chunk by chunk, `store` the results so far after each chunk, until `stop`
-    says so or the order is done; returns (results, stopped). `carried` results (a retry's killed
-    attempt) are decided on first, as the killed attempt decided after its last stored chunk,
-    and never evaluated again."""
+    says so or the order is done; returns (results, stopped). `stop` is asked only while items
+    remain (a candidate scored on every item is fully scored, whatever the test says), and
+    first on `carried` results (a retry's killed attempt: as the attempt decided after its last
+    stored chunk), which are never evaluated again."""
     results = carried
-    if results is not None and stop(results):
+    parts = list(chunks(order, size, done=results))
+    if results is not None and parts and stop(results):
         return results, True
-    for part in chunks(order, size, done=results):
+    for k, part in enumerate(parts):
         new = evaluate(part)
         results = new if results is None else results.merged(new)
         store(results)
-        if stop(results):
+        if k + 1 < len(parts) and stop(results):
             return results, True
     return results, False
 
