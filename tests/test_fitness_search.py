@@ -118,7 +118,7 @@ def test_a_resumed_run_or_second_worker_reads_the_stored_subset_back(raced):
 
 
 def test_changing_the_subset_of_a_study_is_a_fingerprint_change(raced):
-    path, search, _ = raced
+    path = raced[0]
     changed = yaml.safe_load(path.read_text())
     spec = yaml.safe_load(Path(changed["fitness"]).read_text())
     spec["subset"]["seed"] = 4
@@ -177,7 +177,7 @@ def held_out_spec(tmp_path_factory) -> Path:
 
 
 def test_evaluate_stores_held_out_results_per_trial_and_spec_and_reports_show_them(raced, held_out_spec):
-    path, search, _ = raced
+    path = raced[0]
     top = cli("evaluate", str(path), "--top", "1", "--fitness", str(held_out_spec))
     assert top.returncode == 0, top.stderr[-2000:]
     assert "held-out rev_test" in top.stdout and "trial 0" in top.stdout
