@@ -33,7 +33,7 @@ replay ~4 min (racing's in-memory pruner decisions dominate).
    over seeds with its standard error and 95% interval. Studies under bench/out/fitness_cost/
    search_ITEMS/ (a rerun resumes them).
 
-    python bench/fitness_cost.py --part search --quick     # 1200 items per search, ~20-30 min
+    python bench/fitness_cost.py --part search --quick     # 1200 items per search; ~40 min measured at load 10-13 on 2 cores
 """
 
 from __future__ import annotations
@@ -400,7 +400,7 @@ def main() -> None:
                         help="the offline replay (1-3), the searches end to end (4), or both")
     parser.add_argument("--items", type=int, default=6000, help="item budget of each search (--quick: 1200)")
     parser.add_argument("--search-seeds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="searches of 1200 items each (~20-30 min on 2 busy cores)")
+    parser.add_argument("--quick", action="store_true", help="searches of 1200 items each (~40 min on 2 busy cores)")
     args = parser.parse_args()
     os.chdir(REPO)
     if args.part != "search":
