@@ -19,40 +19,53 @@
    one so far (evomerge.racing, Wilcoxon p < 0.1, >= 20 items), on the whole split or on a
    stratified subset: items per candidate, share pruned, regret and test delta of the winner.
 
-    python bench/fitness_cost.py [--random 100] [--neighbours 50] [--seeds 20] [--rebuild]
+    python bench/fitness_cost.py [--part replay|search|all] [--random 100] [--neighbours 50] [--seeds 20]
+                                 [--rebuild] [--items 6000 | --quick] [--search-seeds 3]
 
 The ground truth takes ~1 h on 2 busy cores (154 rows; ~15-25 s per row when shared), the
 replay ~4 min (racing's in-memory pruner decisions dominate).
 
-Not here yet: the search end to end at equal item budgets (full, fixed subset, racing, IRT;
->= 3 seeds). It needs the loop to honour `subset`, `racing` and `estimator` in the fitness
-spec, an item budget, and per-trial `items`; then each run's winner is scored on the test
-split with `Scorer` above (see the report on issue 14 for the driver's shape).
+4. The search end to end (`--part search`): runs/demo.yaml's search (DARE-TIES, CMA-ES) once per
+   fitness (full set, a fixed stratified subset of 60, racing, IRT on 60 anchors) and seed, each
+   stopped by the same item budget (budget.items); each winner (best by the scalarization) is
+   scored on the test split through `evomerge evaluate`'s path (evaluators/zoo_target_test.yaml,
+   stored in its study). Prints items per finished trial and the winners' test accuracy, mean
+   over seeds with its standard error and 95% interval. Studies under bench/out/fitness_cost/
+   search_ITEMS/ (a rerun resumes them).
+
+    python bench/fitness_cost.py --part search --quick     # 1200 items per search; ~40 min measured at load 10-13 on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import optuna
 import torch
+import yaml
+from optuna.trial import TrialState
 from scipy.stats import spearmanr
+from scipy.stats import t as t_dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from evomerge.evaluate import LmEvalEvaluator, _quiet_hflm, quiet
+from evomerge.backends.hf import as_candidate
+from evomerge.evaluate import LmEvalEvaluator
 from evomerge.fitness import FitnessSpec
 from evomerge.irt import IrtEstimator, answer_matrix, fit_estimator
-from evomerge.item_results import ItemResults, evaluate_items, item_positions
+from evomerge.item_results import ItemResults, item_positions
 from evomerge.merge.materialize import Materializer
 from evomerge.racing import chunks, partial_mean, race_order, should_prune
 from evomerge.search.genome import Genome, SearchSpace
 from evomerge.subset import SubsetSpec, choose_items
+from evomerge.yamlio import load_yaml_mapping
 
 hf_logging.disable_progress_bar()
 
@@ -71,19 +84,16 @@ class Scorer:
 
     def __init__(self):
         fitness = FitnessSpec.load(REPO / "evaluators" / "zoo_target.yaml")
-        self.splits = {split: LmEvalEvaluator(_with_split(fitness, split), BASE).task_dict for split in ("search", "test")}
-        batch_size = fitness.options["batch_size"]
+        self.splits = {split: LmEvalEvaluator(_with_split(fitness, split)) for split in ("search", "test")}
+        self.batch_size = fitness.options["batch_size"]
+        self.tokenizer = AutoTokenizer.from_pretrained(BASE)
         self.materializer = Materializer([BASE, *EXPERTS], dtype="float32", device="cpu")
         self.genome = Genome(SearchSpace.load(REPO / "search_spaces" / "ps_ties_dare.yaml"), EXPERTS, BASE,
                              self.materializer.n_layers)
-        with quiet():
-            self.lm = _quiet_hflm()(pretrained=self.materializer.candidate, batch_size=batch_size, device="cpu",
-                                    tokenizer=AutoTokenizer.from_pretrained(BASE))
 
-    @torch.inference_mode()
     def score(self, model: torch.nn.Module) -> dict[str, Any]:
-        self.lm._model = model  # as LmEvalEvaluator does: the wrapper scores whichever module it holds
-        return {split: evaluate_items(self.lm, tasks)[1].to_json() for split, tasks in self.splits.items()}
+        candidate = as_candidate(model, self.tokenizer, self.batch_size)
+        return {split: evaluator.evaluate_items(candidate)[1].to_json() for split, evaluator in self.splits.items()}
 
     def source(self, path: str) -> dict[str, Any]:
         return self.score(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
@@ -251,7 +261,6 @@ def race(replay: Replay, seed: int, items: list[tuple[str, int]], chunk: int, p_
     """A search's candidates in its order (exploration, then the late-search neighbours) raced
     against the best fully scored one so far; the winner is the best fully scored candidate."""
     steps = item_positions(replay.sizes)
-    weights = {t: {"acc,none": 1.0} for t in replay.sizes}  # zoo_target/acc: every item counts once
     best: dict[int, float] | None = None
     best_row, used, pruned = 0, [], 0
     for k, row in enumerate(replay.held):
@@ -291,14 +300,120 @@ def _subset_items(replay: Replay, n: int, seed: int) -> list[tuple[str, int]]:
     return [(t, i) for t, ids in chosen.items() for i in ids]
 
 
+# --- 4. the search end to end ------------------------------------------------------------------
+
+# Each fitness as the keys it adds to evaluators/zoo_target.yaml; N = 60 items is 1/10 of the split.
+FITNESSES = {
+    "full set": {},
+    "fixed subset (60)": {"subset": {"size": 60}},
+    "racing": {"racing": {}},
+    "IRT, 60 anchors": {"estimator": {"kind": "irt", "anchors": 60}},
+}
+
+
+def search_config(folder: Path, label: str, keys: dict[str, Any], seed: int, items: int) -> Path:
+    """A DARE-TIES search of the zoo's experts (runs/demo.yaml's) with this fitness, stopped by an item budget."""
+    name = "".join(c if c.isalnum() else "_" for c in label) + f"_s{seed}"
+    fitness = {**load_yaml_mapping(REPO / "evaluators" / "zoo_target.yaml", "fitness spec"), **keys,
+               "include_path": str(REPO / "evaluators" / "tasks")}  # the spec is written outside evaluators/
+    (folder / f"{name}.fitness.yaml").write_text(yaml.safe_dump(fitness))
+    demo = load_yaml_mapping(REPO / "runs" / "demo.yaml", "run config")
+    config = {**demo, "name": name, "fitness": str(folder / f"{name}.fitness.yaml"), "seed": seed, "device": "cpu",
+              "budget": {"n_trials": 100_000, "items": items}, "storage": f"sqlite:///{folder / name}.db"}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def end_to_end(folder: Path, items: int, seeds: int) -> list[dict[str, Any]]:
+    """Every fitness x seed searched to the same item budget; its winner (best by the scalarization)
+    scored on the test split through the held-out path (`evomerge evaluate`). Resumes finished runs."""
+    from evomerge.config import load_config
+    from evomerge.search.held_out import choose_trials, evaluate_held_out
+    from evomerge.search.loop import Search
+
+    folder.mkdir(parents=True, exist_ok=True)
+    test_spec = FitnessSpec.load(REPO / "evaluators" / "zoo_target_test.yaml")
+    test = LmEvalEvaluator(test_spec)
+    runs = []
+    for label, keys in FITNESSES.items():
+        for seed in range(seeds):
+            start = time.perf_counter()
+            config = load_config(search_config(folder, label, keys, seed, items))
+            with _quiet_optuna():
+                search = Search(config)
+                search.run()
+            trials = search.study.get_trials(deepcopy=False)
+            best = choose_trials(config, search.study, 1, None)[0]
+            held = evaluate_held_out(config, search.study, test_spec, [best], search.backend, test, sources=False)
+            runs.append({"fitness": label, "seed": seed, "items": search.items_evaluated(),
+                         "finished": sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials),
+                         "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+                         "test": held.trials[best.number]["scores"]["zoo_target/acc"],
+                         "seconds": time.perf_counter() - start})
+            print(f"  {label}, seed {seed}: {runs[-1]['finished']} trials ({runs[-1]['pruned']} pruned), "
+                  f"{runs[-1]['items']} items, winner trial {best.number} test {100 * runs[-1]['test']:.1f}% "
+                  f"({runs[-1]['seconds']:.0f} s)", flush=True)
+    return runs
+
+
+def end_to_end_table(runs: list[dict[str, Any]], items: int) -> None:
+    """Per fitness: items per finished trial and the winner's test accuracy, mean over seeds with
+    its standard error and 95% t interval; the test split's own binomial SE is ~1.8 points."""
+    print(f"\nsearch end to end: DARE-TIES over the zoo's experts (CMA-ES), budget {items} evaluated items per run; "
+          f"winner = best trial by the scalarization, scored on the 600 test-split items")
+    head = (f"{'fitness':<22} {'seeds':>5} {'trials':>6} {'items/trial':>11} {'cut':>5} {'pruned %':>8} "
+            f"{'test acc %':>10} {'SE':>5} {'95% CI':>13}")
+    print(head)
+    print("-" * len(head))
+    full_per_trial = None
+    for label in FITNESSES:
+        rows = [r for r in runs if r["fitness"] == label]
+        finished = sum(r["finished"] for r in rows)
+        per_trial = sum(r["items"] for r in rows) / finished
+        full_per_trial = full_per_trial or per_trial
+        acc = 100 * np.array([r["test"] for r in rows])
+        se = float(acc.std(ddof=1) / np.sqrt(len(acc))) if len(acc) > 1 else float("nan")
+        half = float(t_dist.ppf(0.975, len(acc) - 1)) * se if len(acc) > 1 else float("nan")
+        pruned = 100 * sum(r["pruned"] for r in rows) / finished
+        print(f"{label:<22} {len(rows):>5} {finished / len(rows):6.1f} {per_trial:11.1f} {full_per_trial / per_trial:4.1f}x "
+              f"{pruned:8.1f} {acc.mean():10.2f} {se:5.2f} {acc.mean() - half:6.2f}-{acc.mean() + half:<6.2f}")
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--random", type=int, default=100, help="random DARE-TIES genomes")
     parser.add_argument("--neighbours", type=int, default=50, help="small steps around the best random genome")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--rebuild", action="store_true", help="score the ground truth again")
+    parser.add_argument("--part", choices=("replay", "search", "all"), default="all",
+                        help="the offline replay (1-3), the searches end to end (4), or both")
+    parser.add_argument("--items", type=int, default=6000, help="item budget of each search (--quick: 1200)")
+    parser.add_argument("--search-seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="searches of 1200 items each (~40 min on 2 busy cores)")
     args = parser.parse_args()
     os.chdir(REPO)
+    if args.part != "search":
+        replay_part(args)
+    if args.part != "replay":
+        items = 1200 if args.quick else args.items
+        start = time.perf_counter()
+        runs = end_to_end(OUT / f"search_{items}", items, args.search_seeds)
+        end_to_end_table(runs, items)
+        print(f"searches {time.perf_counter() - start:.0f} s")
+
+
+def replay_part(args: argparse.Namespace) -> None:
     data = build_matrix(args.random, args.neighbours, args.rebuild)
     start = time.perf_counter()
     replay = Replay(data)

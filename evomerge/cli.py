@@ -88,12 +88,32 @@ def cmd_archive(args: argparse.Namespace) -> None:
 
     config = _config(args)
     study = _existing_study(config)
-    entries = archive_entries(config, study)
-    print(archive_json(entries) if args.json else archive_table(config, entries))
+    entries = archive_entries(config, study, estimates=args.estimates)
+    print(archive_json(entries, study) if args.json else archive_table(config, entries, study))
     if args.plot:
         plot_archive(config, study, entries, args.plot)
         if not args.json:
             print(f"plot written to {args.plot}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from evomerge.fitness import FitnessSpec
+    from evomerge.search.held_out import evaluate_command
+
+    config = _config(args)
+    spec = FitnessSpec.load(args.fitness)  # a bad spec is reported before the study is read
+    study = _existing_study(config)
+    if args.device:
+        config.device = args.device
+    print(evaluate_command(config, study, spec, args.top, args.trials, allow_pickle=args.allow_pickle,
+                           trust_remote_code=args.trust_remote_code))
+
+
+def _trial_numbers(text: str) -> list[int]:
+    try:
+        return [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected trial numbers separated by commas (3,17,42), got {text!r}") from None
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -159,9 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     study_parser("status", "trials done/failed/running, best per objective, hypervolume, budget, ETA").set_defaults(func=cmd_status)
     archive = study_parser("archive", "the Pareto archive of the study")
-    archive.add_argument("--json", action="store_true", help="print a JSON list of {number, values, recipe}")
+    archive.add_argument("--json", action="store_true", help="print a JSON list of {number, values, recipe, held_out}")
     archive.add_argument("--plot", metavar="FILE.png", help="also plot the front, dominated trials and hypervolume")
+    archive.add_argument("--estimates", action="store_true",
+                         help="let trials pruned by racing compete with their estimated objectives")
     archive.set_defaults(func=cmd_archive)
+    evaluate = study_parser("evaluate", "score chosen trials and the sources on another fitness spec (held-out "
+                                        "tasks or splits) and store the results in the study")
+    evaluate.add_argument("--fitness", required=True, help="fitness spec YAML to score on (see evaluators/)")
+    chosen = evaluate.add_mutually_exclusive_group()
+    chosen.add_argument("--top", type=int, default=3, help="the archive's K best trials by the scalarization (default 3)")
+    chosen.add_argument("--trials", type=_trial_numbers, help="these trials instead: N,M,...")
+    _add_loading_flags(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
     export = study_parser("export", "materialize one trial's recipe and save it like `evomerge merge`")
     export.add_argument("--trial", type=int, required=True, help="trial number (see `evomerge archive`)")
     export.add_argument("--out", required=True, help="output checkpoint directory")

@@ -7,7 +7,8 @@ and where the study lives. Every error names the file, the key and what was expe
     search_space: search_spaces/ps_ties_dare.yaml
     fitness: evaluators/zoo_skills.yaml
     sampler: cmaes                           # or {name: cmaes, popsize: 8, sigma0: 0.1667}
-    budget: {n_trials: 100}                  # completed trials in the study; wall_clock_s per command
+    budget: {n_trials: 100}                  # completed trials in the study; wall_clock_s per command;
+                                             # items: stop once the study's trials evaluated this many items
     seed: 0
     storage: null                            # default sqlite:///runs/<name>/study.db
     device: auto                             # auto | cpu | cuda | cuda:N
@@ -59,6 +60,7 @@ class RunConfig:
     heartbeat: dict[str, float] = field(default_factory=lambda: {"interval": 10.0, "grace": 30.0})
     reconnect_timeout_s: float = 300.0  # how long a lost database connection is retried before the run stops
     tokenizer_source: str | None = None  # base | union | a model: experts whose vocabularies differ (see recipe.py)
+    n_items: int | None = None  # budget.items: evaluated items (racing spends a varying number per trial)
 
     @property
     def out_dir(self) -> Path:
@@ -116,9 +118,15 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
     sampler, sampler_options = _sampler(data.get("sampler", "cmaes"), where)
     if sampler == "cmaes" and len(fitness.objectives) > 1 and not fitness.scalarization:
         raise EvomergeError(f"{where}: cmaes is single-objective: give the fitness spec a scalarization")
+    if sampler == "nsga2" and "racing" in fitness.options:
+        raise EvomergeError(f"{where}: racing compares candidates on one scalar per item, but nsga2 keeps every "
+                            "objective: use racing with cmaes, tpe or random, or drop it from the fitness spec")
     budget = data.get("budget") or {}
-    if not isinstance(budget, dict) or set(budget) - {"n_trials", "wall_clock_s"}:
-        raise _err(where, "budget", "{n_trials: N, wall_clock_s: SECONDS}", budget)
+    if not isinstance(budget, dict) or set(budget) - {"n_trials", "wall_clock_s", "items"}:
+        raise _err(where, "budget", "{n_trials: N, wall_clock_s: SECONDS, items: N}", budget)
+    if "items" in budget and fitness.kind != "lm_eval":
+        raise EvomergeError(f"{where}: budget.items counts lm-eval items, which a {fitness.kind} fitness does not "
+                            "record: use n_trials or wall_clock_s")
     wall = budget.get("wall_clock_s")
     if wall is not None and (not isinstance(wall, (int, float)) or isinstance(wall, bool) or wall <= 0):
         raise _err(where, "budget.wall_clock_s", "a positive number of seconds", wall)
@@ -149,6 +157,7 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
         device=None if device == "auto" else str(device), dtype=dtype,
         heartbeat={"interval": 10.0, "grace": 30.0, **{k: float(v) for k, v in heartbeat.items()}},
         reconnect_timeout_s=float(reconnect), tokenizer_source=tokenizer_source,
+        n_items=_int(budget, "items", f"{where}: budget", None, 1),
     )
 
 

@@ -7,6 +7,10 @@ built-in names takes seconds) and datasets load once. Each trial then calls the 
 wraps: evomerge.backends), with lm-eval's progress bars and logs kept out of the user's
 terminal.
 
+`evaluate_items` also returns each item's result (evomerge.item_results): the search stores
+them on every trial, evaluates a study's seeded subset or IRT anchors, and races candidates
+chunk by chunk (evomerge.search.scoring).
+
 Every problem with the spec (a task that does not exist, data missing offline, a metric
 the tasks do not produce) raises `EvomergeError` here, before any candidate is built.
 """
@@ -26,6 +30,8 @@ from transformers import AutoTokenizer
 from evomerge.backends import Candidate
 from evomerge.errors import EvomergeError
 from evomerge.fitness import COST_METRICS, Evaluator, FitnessSpec
+from evomerge.item_results import ItemResults, evaluate_items
+from evomerge.subset import SubsetSpec, choose_items, task_docs
 from evomerge.zoo import SKILLS, exact_match, split_examples
 
 _NOISY_LOGGERS = ("lm-eval", "lm_eval", "datasets", "evaluate", "absl")
@@ -125,7 +131,7 @@ class LmEvalEvaluator:
 
     def __init__(self, spec: FitnessSpec):
         options = spec.options
-        self.options = options
+        self.options, self.source = options, spec.source
         include = Path(spec.source).parent / options["include_path"]
         self.manager, self.task_dict = load_tasks(options["tasks"], include)
         self._select_split(options["split"])
@@ -136,6 +142,8 @@ class LmEvalEvaluator:
         available = metric_keys(self.task_dict)
         self.metrics = {o.metric: resolve_metric(o.metric, available, spec.source)
                         for o in spec.objectives if o.metric not in COST_METRICS}
+        subset = options.get("subset")  # {task: doc ids}; None: every item, or the first `limit`
+        self.subset = subset and choose_items(SubsetSpec(**subset), task_docs(self.task_dict), spec.source)
 
     def _select_split(self, split: str | None) -> None:
         if split is None:
@@ -145,17 +153,22 @@ class LmEvalEvaluator:
                 raise EvomergeError(f"lm-eval task {name!r} has no split {split!r}; it has {sorted(task.dataset or {})}")
             task.config.test_split = split
 
-    @torch.inference_mode()
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
-        from lm_eval.evaluator import evaluate
+        """The spec's scores: every item of the split, its first `limit`, or its `subset`."""
+        return self.evaluate_items(candidate, self.subset)[0]
 
-        with quiet():
-            results = evaluate(lm=candidate.lm, task_dict=self.task_dict, limit=self.options["limit"], bootstrap_iters=0,
-                               log_samples=False, verbosity="ERROR")
-        scores = flatten_results(results["results"])
-        for wanted, key in self.metrics.items():
-            scores.setdefault(wanted, scores[key])
-        return scores
+    @torch.inference_mode()
+    def evaluate_items(self, candidate: Candidate,
+                       items: dict[str, list[int]] | None = None) -> tuple[dict[str, float], ItemResults]:
+        """Scores and each item's result on `items` ({task: doc ids}; None: the split, or its first `limit`)."""
+        scores, results = evaluate_items(candidate.lm, self.task_dict, items,
+                                         limit=self.options["limit"] if items is None else None)
+        return self.named(scores), results
+
+    def named(self, scores: dict[str, float]) -> dict[str, float]:
+        """`scores` with each objective's metric also under the name the spec uses (`zoo_gen/exact_match`
+        for `zoo_gen/exact_match,first-word`), where the scores have it."""
+        return {**scores, **{wanted: scores[key] for wanted, key in self.metrics.items() if key in scores}}
 
 
 def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -16,8 +16,9 @@ nth=N (the N-th trial this process runs, from 1), trial=* (every trial). Kinds: 
 evaluator's scores become NaN), error (a RuntimeError, as from a broken evaluator), sleep
 (SECONDS, default 3600: a window for the kill harness, announced on stderr as
 `evomerge-fault: trial N in PHASE: sleeping S s`). Phases, in order: sample (the params are
-recorded, not yet marked complete), materialize (the candidate's weights are written),
-evaluate (the evaluator ran; the default), store (the result is recorded in user attrs,
+recorded, not yet marked complete), materialize (the candidate's weights are written), items
+(lm_eval fitness: a chunk of items was evaluated and the results so far stored; with racing,
+after every chunk), evaluate (the evaluator ran; the default), store (the result is recorded in user attrs,
 Optuna not yet told the trial is complete).
 """
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from evomerge.errors import EvomergeError
 
 ENV = "EVOMERGE_FAULT"
-PHASES = ("sample", "materialize", "evaluate", "store")
+PHASES = ("sample", "materialize", "items", "evaluate", "store")
 KINDS = ("oom", "nan", "error", "sleep")
 OOM_BYTES = 64 * 2**20
 

@@ -10,6 +10,17 @@ the scalarization that single-objective samplers optimize.
       - {name: params, metric: param_count, direction: minimize}
     scalarization: {target: 1.0}     # weighted sum (minimized objectives enter negated)
 
+Cheaper fitness (lm_eval kind; each key optional, all in the study's fingerprint):
+
+    subset: {size: 60, seed: 0, stratify_by: level}   # the same seeded, stratified items for every
+                                     # candidate (evomerge.subset); not with `limit`
+    racing: {pruner: wilcoxon, p_threshold: 0.1, min_items: 20, chunk: 20}
+                                     # evaluate in chunks, stop a candidate clearly worse than the
+                                     # best so far (evomerge.racing); single-objective samplers only
+    estimator: {kind: irt, anchors: 50, refit_every: 10}
+                                     # scores = IRT estimates of the whole split (evomerge.irt): from
+                                     # `anchors` items, or from a subset's or a pruned race's answers
+
 Metrics are the evaluator's scores, plus costs measured on the candidate itself
 (`param_count`, and `path_length` for routed candidates). Each kind declares its own
 options; lm-eval metric names are checked against the loaded tasks before any candidate is
@@ -32,6 +43,7 @@ if TYPE_CHECKING:  # a fitness spec is read without loading torch
 
 COST_METRICS = ("param_count", "path_length")
 _COMMON = {"kind", "objectives", "scalarization", "description"}
+ITEM_KEYS = ("subset", "racing", "estimator")  # lm_eval only: which items a candidate is evaluated on, and how
 
 
 def _positive(value: Any) -> bool:
@@ -97,8 +109,8 @@ class FitnessSpec:
         kind = data.get("kind")
         if kind not in KINDS:
             raise EvomergeError(f"{where}: kind must be one of {sorted(KINDS)}, got {kind!r}")
-        check_keys(data, _COMMON | set(KINDS[kind]), where)
-        options = _options(data, kind, where)
+        check_keys(data, _COMMON | set(KINDS[kind]) | (set(ITEM_KEYS) if kind == "lm_eval" else set()), where)
+        options = {**_options(data, kind, where), **_item_options(data, where)}
         entries = data.get("objectives")
         if not isinstance(entries, list) or not entries:
             raise EvomergeError(f"{where}: objectives must be a non-empty list of {{name, metric, direction}}")
@@ -146,6 +158,31 @@ def candidate_costs(model: PreTrainedModel) -> dict[str, float]:
     (decoder layers a token passes through, which inference time grows with)."""
     return {"param_count": float(sum(p.numel() for p in model.parameters())),
             "path_length": float(model.config.num_hidden_layers)}
+
+
+def _item_options(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`subset`, `racing` and `estimator` with their defaults filled in, present only when given (a
+    study made before they existed keeps its fingerprint); combinations that cannot work are refused."""
+    from evomerge.irt import EstimatorSpec  # numpy only
+    from evomerge.racing import RacingSpec
+    from evomerge.subset import SubsetSpec
+
+    parsers = {"subset": SubsetSpec.from_dict, "racing": RacingSpec.from_dict, "estimator": EstimatorSpec.from_dict}
+    given = {key: parsers[key](data[key], where).to_dict() for key in ITEM_KEYS if key in data}
+    limit, subset, racing, estimator = data.get("limit"), given.get("subset"), given.get("racing"), given.get("estimator")
+    anchors = estimator and estimator["anchors"]
+    if subset and limit is not None:
+        raise EvomergeError(f"{where}: subset and limit exclude each other (both choose the items): drop limit")
+    if estimator and limit is not None:
+        raise EvomergeError(f"{where}: estimator {estimator['kind']} estimates the whole split: drop limit")
+    if anchors and (subset or racing):
+        raise EvomergeError(f"{where}: estimator.anchors chooses the items every candidate sees: drop "
+                            f"{'subset' if subset else 'racing'}, or drop anchors to estimate from the subset's or "
+                            "the race's answers")
+    if estimator and not (anchors or subset or racing):
+        raise EvomergeError(f"{where}: estimator {estimator['kind']} estimates the items a candidate did not see, but "
+                            "every candidate sees every item: give it anchors: N, or use it with subset or racing")
+    return given
 
 
 def _options(data: dict[str, Any], kind: str, where: str) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class ItemResults:
         """Plain JSON (no pickle): ids as ranges ("0-199" or "3,7,10-12"), a binary metric as a
         string of '0'/'1' (~1 byte per item), any other metric as a list of numbers."""
         return {"format": FORMAT, "tasks": {
-            task: {"ids": _ranges(self.ids[task]), **{k: _encode(v) for k, v in self.values[task].items()}}
+            task: {"ids": ranges(self.ids[task]), **{k: _encode(v) for k, v in self.values[task].items()}}
             for task in self.ids}}
 
     @classmethod
@@ -78,7 +78,7 @@ class ItemResults:
             raise EvomergeError(f"item results in format {data.get('format')!r}; this evomerge reads format {FORMAT}")
         ids, values = {}, {}
         for task, entry in data["tasks"].items():
-            ids[task] = _parse_ranges(entry["ids"])
+            ids[task] = parse_ranges(entry["ids"])
             values[task] = {k: _decode(v) for k, v in entry.items() if k != "ids"}
         return cls(ids, values)
 
@@ -184,7 +184,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, complex)
 
 
-def _ranges(ids: list[int]) -> str:
+def ranges(ids: list[int]) -> str:
+    """Sorted ids as text: [0, 1, 2, 5] -> "0-2,5" (how item ids are stored in a study)."""
     parts, start = [], None
     for k, i in enumerate(ids):
         if start is None:
@@ -195,7 +196,7 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(parts)
 
 
-def _parse_ranges(text: str) -> list[int]:
+def parse_ranges(text: str) -> list[int]:
     ids: list[int] = []
     for part in filter(None, text.split(",")):
         low, _, high = part.partition("-")

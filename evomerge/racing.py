@@ -3,21 +3,10 @@ best candidate so far (Optuna's `WilcoxonPruner`, a paired signed-rank test per 
 
     racing: {pruner: wilcoxon, p_threshold: 0.1, min_items: 20, chunk: 20}
 
-The pieces the search loop calls, per trial:
-
-    weights = item_weights(signed_weights, task_dict)          # once per run
-    steps = item_positions(task_sizes(task_dict))              # once per run
-    reference = race_reference(study)                          # once per trial
-    best = reference and item_values(ItemResults.from_json(reference.user_attrs[ITEM_RESULTS]), weights, steps)
-    order = race_order(study_seed, trial_number, items)        # items: the split or the study's subset
-    results = carried                                          # a retry's killed attempt, else None;
-    # with results carried, decide once on them first (the same decision the killed attempt made)
-    for chunk in chunks(order, size, done=results):
-        _, part = evaluate_items(candidate.lm, task_dict, chunk)
-        results = part if results is None else results.merged(part)
-        trial.set_user_attr(ITEM_RESULTS, results.to_json())   # a killed race resumes from here
-        if best and should_prune(best, item_values(results, weights, steps), p_threshold, min_items):
-            break                                              # tell PRUNED, with `estimate` and `items`
+The search wires these pieces per trial in evomerge.search.scoring (`ItemScoring.evaluate`):
+the reference's item values (`race_reference`, `item_values`), the trial's order (`race_order`),
+and `race`, which evaluates chunk by chunk, stores the results after each, and asks
+`should_prune` while items remain.
 
 Facts about Optuna 5.0 behind these choices (checked in tests/test_racing.py):
 - `trial.report(value, step=item)` + `trial.should_prune()` works only in a single-objective
@@ -33,48 +22,86 @@ Facts about Optuna 5.0 behind these choices (checked in tests/test_racing.py):
   step*: with item ids as steps that is one item's 0/1, not a partial mean. Nothing may read
   a pruned trial's `value`; its estimate lives in user attrs.
 - The order must be shuffled per trial (the pruner's docs say so too): a fixed order lets
-  the first items decide every race. Seeded by (study seed, trial number), a resumed or
-  retried trial (take the number of the trial it retries, the first of its retry history)
-  races the same order; its killed attempt's `item_results` (copied onto the retry like
-  its params) are skipped by `chunks`, so nothing is evaluated twice and, against the same
-  reference, every decision is the same.
+  the first items decide every race. The search seeds it by (study seed, the trial's fresh
+  place: evomerge.search.samplers), which a retry shares with the trial it retries and which
+  no kill shifts (trial numbers do), so a resumed search races the same orders; a killed
+  attempt's `item_results` (stored after every chunk) are carried by its retry and skipped
+  by `chunks`, so nothing is evaluated twice and, against the same reference, every decision
+  is the same.
 
 What each sampler is told about a pruned trial. It is stored as `state=PRUNED` (so Optuna's
 `best_trial`, the Pareto archive and the race's reference hold fully scored trials only) with
 user attrs `items` (how many were evaluated), `item_results`, and `estimate`: the best
 available estimate of its full-split scalarized fitness, i.e. the estimator's value
-(`estimator: {kind: irt}`: gp-IRT from its answers) or, without an estimator, the partial
-mean of its item values (unbiased for the full mean under the shuffled order; it is computed
-at the moment the race stopped it, so it leans low, the direction that stopped it).
-- CMA-ES (evomerge's pycma sampler) needs a value for every member of a generation: tell it
-  `estimate`, not the failure penalty (worst + spread) it gives a PRUNED slot today. CMA-ES
-  uses ranks only; a pruned member is significantly worse than the best *so far*, not
-  necessarily worse than its generation's other members, and active CMA (pycma's default)
-  weighs the ranks of the worst members too, so a penalty throws away real information. The
-  change is in `_slot_outcome` of evomerge/search/cma_sampler.py: a PRUNED trial with an
-  `estimate` user attr gives that value (minimisation sign applied like a COMPLETE one).
-- TPE sees PRUNED trials itself and ranks them by (last step, value at it): with item ids
-  as steps that order is arbitrary, but they only enter its "good" group when fewer
-  complete trials than the group's size exist, so it is harmless; told nothing more.
+(`estimator: {kind: irt}`: gp-IRT from its answers) or, without an estimator,
+`paired_estimate`: the reference's full mean plus the candidate's mean difference from it on
+the items it saw (the comparison that stopped it; the partial mean alone errs more, since
+the items drawn so far may be easy or hard for every candidate).
+- CMA-ES (evomerge's pycma sampler) needs a value for every member of a generation: it is
+  told `estimate`, not the failure penalty (worst + spread) a failed slot gets
+  (`_slot_outcome` in evomerge/search/cma_sampler.py). CMA-ES uses ranks only; a pruned
+  member is significantly worse than the best *so far*, not necessarily worse than its
+  generation's other members, and active CMA (pycma's default) weighs the ranks of the worst
+  members too, so a penalty would throw away real information.
+- TPE sees PRUNED trials itself: without intermediate values (none are reported to Optuna)
+  it ranks them below every complete trial; told nothing more.
 - Random: nothing to tell.
 - NSGA-II: racing is refused (a race compares one scalar per item; a candidate worse on the
-  scalarization may still be on the Pareto front). Refuse `racing` with `sampler: nsga2`.
+  scalarization may still be on the Pareto front): `racing` with `sampler: nsga2` is a config error.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from evomerge.errors import EvomergeError
 from evomerge.item_results import Item, ItemResults, by_task
+from evomerge.search.attrs import ITEM_RESULTS
+from evomerge.yamlio import check_keys
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-ITEM_RESULTS = "item_results"  # trial user attr: ItemResults.to_json() of what it evaluated
+PRUNERS = ("wilcoxon",)
+
+
+@dataclass(frozen=True)
+class RacingSpec:
+    """`racing:` of a fitness spec (every key optional; the defaults are WilcoxonPruner's own
+    p_threshold and a chunk as large as the smallest sample it decides on)."""
+
+    pruner: str = "wilcoxon"
+    p_threshold: float = 0.1
+    min_items: int = 20
+    chunk: int = 20
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "fitness spec") -> "RacingSpec":
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{where}: racing must be {{pruner: wilcoxon, p_threshold: P, min_items: N, chunk: N}}, "
+                                f"got {data!r}")
+        check_keys(data, {"pruner", "p_threshold", "min_items", "chunk"}, f"{where}: racing")
+        spec = cls(**data)
+        if spec.pruner not in PRUNERS:
+            raise EvomergeError(f"{where}: racing.pruner must be one of {list(PRUNERS)}, got {spec.pruner!r}")
+        p = spec.p_threshold
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p < 1:
+            raise EvomergeError(f"{where}: racing.p_threshold must be a number between 0 and 1, got {p!r}")
+        for key in ("min_items", "chunk"):
+            value = getattr(spec, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EvomergeError(f"{where}: racing.{key} must be a positive integer (items), got {value!r}")
+        return cls(spec.pruner, float(p), spec.min_items, spec.chunk)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def race_reference(study: optuna.Study) -> FrozenTrial | None:
@@ -101,6 +128,27 @@ def chunks(order: Sequence[Item], size: int, done: ItemResults | None = None) ->
     remaining = [item for item in order if item not in evaluated]
     for start in range(0, len(remaining), size):
         yield by_task(remaining[start:start + size])
+
+
+def race(evaluate: Callable[[dict[str, list[int]]], ItemResults], order: Sequence[Item], size: int,
+         carried: ItemResults | None, stop: Callable[[ItemResults], bool],
+         store: Callable[[ItemResults], None]) -> tuple[ItemResults | None, bool]:
+    """Evaluate `order` chunk by chunk, `store` the results so far after each chunk, until `stop`
+    says so or the order is done; returns (results, stopped). `stop` is asked only while items
+    remain (a candidate scored on every item is fully scored, whatever the test says), and
+    first on `carried` results (a retry's killed attempt: as the attempt decided after its last
+    stored chunk), which are never evaluated again."""
+    results = carried
+    parts = list(chunks(order, size, done=results))
+    if results is not None and parts and stop(results):
+        return results, True
+    for k, part in enumerate(parts):
+        new = evaluate(part)
+        results = new if results is None else results.merged(new)
+        store(results)
+        if k + 1 < len(parts) and stop(results):
+            return results, True
+    return results, False
 
 
 def item_weights(signed: dict[str, float], task_dict: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -171,5 +219,14 @@ def should_prune(best: dict[int, float], current: dict[int, float], p_threshold:
 
 
 def partial_mean(values: dict[int, float]) -> float:
-    """The race's estimate of the full-split fitness without an estimator: the mean item value so far."""
+    """The mean item value so far."""
     return float(np.mean(list(values.values())))
+
+
+def paired_estimate(best: dict[int, float], current: dict[int, float]) -> float:
+    """A pruned candidate's full-split fitness without an estimator: the reference's mean over every
+    item plus the candidate's mean difference from it on the items it saw. The reference's
+    values are a control variate: the difference varies far less than the item values themselves
+    (both candidates find the same items hard), so this errs less than the partial mean, and it
+    rests on the very comparison that stopped the candidate."""
+    return partial_mean(best) + float(np.mean([v - best[step] for step, v in current.items()]))

@@ -34,10 +34,10 @@ Generation ``g`` has ``popsize`` slots; candidate ``s`` is the ``s``-th vector o
 the ``ask()`` that follows the replay of generations ``0..g-1``. A new trial
 takes the lowest free slot of the first unfinished generation. Per slot:
 
-* the lowest-numbered COMPLETE trial gives the value (a non-finite value counts
-  as a failure);
+* the lowest-numbered COMPLETE trial, or PRUNED trial with an ``estimate`` user
+  attr (racing), gives the value (a non-finite value counts as a failure);
 * otherwise a FAIL trial with user attr ``failure == "candidate"`` (or a PRUNED
-  trial) makes the slot finished-as-failed;
+  trial without an estimate) makes the slot finished-as-failed;
 * a FAIL trial *without* that attr is a killed worker: it neither holds nor
   finishes the slot; its retry carries the same ``(generation, slot)``. If no retry is enqueued, the next new trial re-takes
   the slot, so a generation can't deadlock;
@@ -85,7 +85,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, GENERATION, SLOT
+from evomerge.search.attrs import CANDIDATE_FAILURE, ESTIMATE, FAILURE, GENERATION, SLOT
 
 if TYPE_CHECKING:  # pycma is imported when first used (see _import_cma)
     import cma
@@ -161,9 +161,14 @@ _UNDECIDED = object()
 
 
 def _slot_outcome(trials: list[FrozenTrial], sign: float) -> float | None | object:
-    for t in trials:  # sorted by number: lowest COMPLETE wins
-        if t.state == TrialState.COMPLETE:
-            value = sign * float(t.value)  # type: ignore[arg-type]
+    """A slot's value (minimization sign), None for a failed slot, or _UNDECIDED. A PRUNED trial
+    (racing) gives its `estimate` (evomerge.racing: a pruned member is worse than the best so
+    far, not necessarily than its generation, and CMA-ES ranks the whole generation), a value
+    never read from Optuna's `value`, which for a pruned trial is meaningless."""
+    for t in trials:  # sorted by number: lowest COMPLETE or estimated PRUNED wins
+        estimate = t.user_attrs.get(ESTIMATE) if t.state == TrialState.PRUNED else None
+        if t.state == TrialState.COMPLETE or estimate is not None:
+            value = sign * float(t.value if estimate is None else estimate)  # type: ignore[arg-type]
             return value if math.isfinite(value) else None
     if any(t.state == TrialState.PRUNED or is_candidate_failure(t) for t in trials):
         return None

@@ -1,8 +1,10 @@
 """The search loop. One trial reads: claim -> suggest -> decode -> materialize -> evaluate -> tell.
 
 Each trial records its parameters, every objective, the per-task scores, the recipe (JSON),
-timings and the device; a candidate that raises, scores NaN or runs out of memory fails its own
-trial (with the reason) and the search goes on. Claiming, heartbeats and giving a trial back when
+timings and the device, and with an lm_eval fitness each item's result (which items, racing and
+estimates: evomerge.search.scoring); a candidate that raises, scores NaN or runs out of memory
+fails its own trial (with the reason) and the search goes on. A candidate that racing stops is
+told PRUNED. Claiming, heartbeats and giving a trial back when
 the worker stops are evomerge.search.workers'; the database, evomerge.search.storage's.
 """
 
@@ -23,10 +25,11 @@ from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.refs import local_dir, resolve_path
 from evomerge.recipe import Recipe, Source
-from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, SOURCES
+from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, ITEM_RESULTS, ITEMS, SOURCES
 from evomerge.search.genome import Genome
 from evomerge.search.identity import check_layers, create_study, find_study
 from evomerge.search.samplers import make_sampler
+from evomerge.search.scoring import Evaluation, make_scoring
 from evomerge.search.storage import open_database, sqlite_file_missing
 from evomerge.search.workers import Worker, retry_dead_trial
 
@@ -37,8 +40,14 @@ BUSY_WAIT_S = 0.5  # polling the study while other workers hold the rest of a ge
 @dataclass
 class Scored:
     objectives: dict[str, float]
-    scores: dict[str, float]
     timings: dict[str, float]
+    evaluation: Evaluation
+
+
+def source_recipe(config: RunConfig, ref: str) -> Recipe:
+    """A source model as a candidate: a one-model linear merge is the model itself."""
+    return Recipe(method="linear", models=[Source(ref, {"weight": 1.0})], dtype=config.dtype,
+                  tokenizer_source=config.tokenizer_source)
 
 
 class Search:
@@ -65,6 +74,7 @@ class Search:
         self.db = db or self._open_database()
         self.study = existing or create_study(config, self.db, self.backend.n_layers)
         check_layers(self.study, self.backend.n_layers)
+        self.scoring = make_scoring(config, self.evaluator, self.study, self.db)
         if SOURCES not in self.study.user_attrs:
             self.study.set_user_attr(SOURCES, {ref: self.score_source(ref) for ref in refs})
         self.genome = Genome(config.search_space, config.models, config.base_model, self.backend.n_layers,
@@ -89,6 +99,8 @@ class Search:
                 return ran
             if self.config.wall_clock_s is not None and time.monotonic() - started > self.config.wall_clock_s:
                 return ran
+            if self.config.n_items is not None and self.items_evaluated() >= self.config.n_items:
+                return ran
             record = self.run_one()
             if record is None:
                 time.sleep(BUSY_WAIT_S)  # the budget's last trials or a generation's last slots run elsewhere
@@ -100,6 +112,10 @@ class Search:
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 raise EvomergeError(f"{failures} candidates failed in a row (last: {record['error']}); "
                                     "stopping: check the models, search space and fitness")
+
+    def items_evaluated(self) -> int:
+        """Items the study's trials evaluated, all of them (the `items` budget)."""
+        return sum(t.user_attrs.get(ITEMS, 0) for t in self.study.get_trials(deepcopy=False))
 
     def run_one(self) -> dict[str, Any] | None:
         """One trial, or None when there is none to take now."""
@@ -113,45 +129,61 @@ class Search:
             self.worker.mark_sampled(trial)
             try:
                 recipe = self.genome.decode(params)
-                scored = self._copied(trial) or self.score(recipe)
+                scored = self._copied(trial) or self.score(recipe, trial)
             except Exception as exc:  # the candidate failed, not the search: record why and go on
                 return self._failed(trial, exc)
             return self._tell(trial, scored, recipe.to_json(), time.perf_counter() - start)
 
-    def score(self, recipe: Recipe) -> Scored:
-        """Materialize the recipe and evaluate it: its objectives, scores and timings."""
+    def score(self, recipe: Recipe, trial: optuna.Trial) -> Scored:
+        """Materialize the recipe and evaluate it (racing, if the fitness races, happens in there):
+        its objectives, timings and evaluation."""
         start = time.perf_counter()
         candidate = self.backend.materialize(recipe)
         faults.at("materialize")
         merged = time.perf_counter()
-        scores = faults.scores(self.evaluator.evaluate(candidate))
+        evaluation = self.scoring.evaluate(candidate, trial)
+        evaluation.scores = faults.scores(evaluation.scores)
         faults.at("evaluate")
         evaluated = time.perf_counter()
-        objectives = self.config.fitness.objective_values({**scores, **candidate.costs})
+        objectives = self._objectives({**evaluation.scores, **candidate.costs}, evaluation.pruned)
         bad = [k for k, v in objectives.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"non-finite objective(s) {bad}")
-        return Scored(objectives, scores, {"materialize_s": merged - start, "evaluate_s": evaluated - merged})
+        return Scored(objectives, {"materialize_s": merged - start, "evaluate_s": evaluated - merged}, evaluation)
 
-    def score_source(self, ref: str) -> dict[str, dict[str, float]]:
-        """A source model on the fitness, as a candidate (a one-model linear merge is the model itself):
-        the reference every merge is compared with (`evomerge archive --plot`, the demo)."""
-        recipe = Recipe(method="linear", models=[Source(ref, {"weight": 1.0})], dtype=self.config.dtype,
-                        tokenizer_source=self.config.tokenizer_source)
-        candidate = self.backend.materialize(recipe)
-        scores = self.evaluator.evaluate(candidate)
-        return {"objectives": self.config.fitness.objective_values({**scores, **candidate.costs}), "scores": scores}
+    def _objectives(self, values: dict[str, float], pruned: bool) -> dict[str, float]:
+        """The objectives; a pruned candidate's where its partial scores have every one (a task of a
+        group may have had no item yet), else none."""
+        fitness = self.config.fitness
+        if pruned and any(o.metric not in values for o in fitness.objectives):
+            return {}
+        return fitness.objective_values(values)
+
+    def score_source(self, ref: str) -> dict[str, Any]:
+        """A source model on the fitness, as a candidate: the reference every merge is compared with (`evomerge archive --plot`, the demo); with an
+        lm_eval fitness also its item results (an IRT estimator is fitted on them)."""
+        candidate = self.backend.materialize(source_recipe(self.config, ref))
+        evaluation = self.scoring.source(candidate)
+        scored = {"objectives": self.config.fitness.objective_values({**evaluation.scores, **candidate.costs}),
+                  "scores": evaluation.scores}
+        if evaluation.results is not None:
+            scored.update({ITEMS: evaluation.evaluated, ITEM_RESULTS: evaluation.results.to_json()})
+        return scored
 
     def _tell(self, trial: optuna.Trial, scored: Scored, recipe: str, elapsed: float) -> dict[str, Any]:
-        values = scored.objectives
-        told = [self.config.fitness.scalarize(values)] if len(self.study.directions) == 1 else list(values.values())
+        values, evaluation = scored.objectives, scored.evaluation
         scored.timings["overhead_s"] = elapsed - sum(scored.timings.values())
-        for key, value in (("objectives", values), ("scores", scored.scores), ("timings", scored.timings),
-                           ("recipe", recipe), ("device", str(self.backend.device))):
+        for key, value in (("objectives", values), ("scores", evaluation.scores), ("timings", scored.timings),
+                           ("recipe", recipe), ("device", str(self.backend.device)), *evaluation.attrs().items()):
             trial.set_user_attr(key, value)
         faults.at("store")
+        record = {"number": trial.number, "objectives": values, "items": evaluation.evaluated}
+        if evaluation.pruned:  # never read a pruned trial's `value`: its estimate is a user attr
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return {**record, "state": "PRUNED", "value": evaluation.estimate}
+        told = [self.config.fitness.scalarize(values)] if len(self.study.directions) == 1 else list(values.values())
         self.study.tell(trial, told)
-        return {"number": trial.number, "state": "COMPLETE", "objectives": values, "value": told[0] if len(told) == 1 else None}
+        return {**record, "state": "COMPLETE", "value": told[0] if len(told) == 1 else None}
 
     def _copied(self, trial: optuna.Trial) -> Scored | None:
         """The result of a completed trial with the very same params, which this one then copies
@@ -160,8 +192,12 @@ class Search:
         for earlier in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if earlier.params == trial.params:
                 trial.set_user_attr("copy_of", earlier.number)
-                return Scored(dict(earlier.user_attrs["objectives"]), dict(earlier.user_attrs["scores"]),
-                              {"materialize_s": 0.0, "evaluate_s": 0.0})
+                attrs = earlier.user_attrs
+                if ITEM_RESULTS in attrs:  # what its scores rest on; it evaluated nothing itself
+                    trial.set_user_attr(ITEM_RESULTS, attrs[ITEM_RESULTS])
+                    trial.set_user_attr(ITEMS, 0)
+                return Scored(dict(attrs["objectives"]), {"materialize_s": 0.0, "evaluate_s": 0.0},
+                              Evaluation(dict(attrs["scores"])))
         return None
 
     def _failed(self, trial: optuna.Trial, exc: BaseException) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """What `evomerge status` and `evomerge archive` show: counts, best values, budget and ETA,
-the Pareto archive as a table, JSON or a plot; and the progress `evomerge run` prints."""
+items evaluated, held-out results (`evomerge evaluate`), the Pareto archive as a table, JSON or
+a plot; and the progress `evomerge run` prints."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import RunConfig
-from evomerge.search.archive import (ArchiveEntry, completed, hypervolume, hypervolume_history, pareto_archive,
-                                     source_objectives)
+from evomerge.search import held_out
+from evomerge.search.archive import (ArchiveEntry, completed, hypervolume, hypervolume_history, non_dominated,
+                                     pareto_archive, source_objectives, to_losses)
+from evomerge.search.attrs import ITEMS
 from evomerge.search.identity import settings
 
 if TYPE_CHECKING:
@@ -34,8 +38,10 @@ def status_text(config: RunConfig, study: optuna.Study) -> str:
     done = completed(study, names)
     made = settings(study)
     lines = [f"study {config.study_name!r} ({made.get('sampler', config.sampler)}, seed {made.get('seed', config.seed)})",
-             f"trials: {count[TrialState.COMPLETE]} done / {config.n_trials} budget, {count[TrialState.FAIL]} failed, "
-             f"{count[TrialState.RUNNING]} running, {count[TrialState.WAITING]} waiting"]
+             f"trials: {count[TrialState.COMPLETE]} done / {config.n_trials} budget, "
+             + (f"{count[TrialState.PRUNED]} pruned, " if count[TrialState.PRUNED] else "")
+             + f"{count[TrialState.FAIL]} failed, {count[TrialState.RUNNING]} running, {count[TrialState.WAITING]} waiting"]
+    lines += _items_line(config, trials)
     sources = source_objectives(study)
     for name, direction in zip(names, directions):
         pick = max if direction == "maximize" else min
@@ -51,12 +57,47 @@ def status_text(config: RunConfig, study: optuna.Study) -> str:
             lines.append(line)
     if done:
         lines.append(f"hypervolume: {hypervolume(study, names, directions):.4g} (reference: worst value seen per objective)")
+    lines += held_out_lines(study)
     left = max(0, config.n_trials - count[TrialState.COMPLETE])
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done[-50:]
                  if t.datetime_complete and t.datetime_start]
     eta = f", ETA {_duration(left * statistics.median(durations))} at one worker" if durations and left else ""
     lines.append(f"budget left: {left} trials{eta}")
     return "\n".join(lines)
+
+
+def _items_line(config: RunConfig, trials: list[FrozenTrial]) -> list[str]:
+    """Items the trials evaluated (lm_eval fitness), per finished trial, against an items budget."""
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "copy_of" not in t.user_attrs]
+    total = sum(t.user_attrs.get(ITEMS, 0) for t in trials)
+    if not total:
+        return []
+    budget = f" of {config.n_items} budget" if config.n_items else ""
+    per = f", {total / len(finished):.1f} per finished trial" if finished else ""
+    return [f"items evaluated: {total}{budget}{per}"]
+
+
+def held_out_lines(study: optuna.Study) -> list[str]:
+    """Per held-out spec: its scalarization for each evaluated trial (best first) and the best source."""
+    lines = []
+    for name, results in held_out.stored(study).items():
+        trials = sorted(((n, held_out_value(r)) for n, r in results.items() if n != held_out.SOURCES_KEY),
+                        key=lambda nv: -nv[1])
+        more = f" (+{len(trials) - 3} more)" if len(trials) > 3 else ""
+        line = f"held-out {name}: " + ", ".join(f"trial {n} {v:.4g}" for n, v in trials[:3]) + more
+        sources = {ref: held_out_value(r) for ref, r in results.get(held_out.SOURCES_KEY, {}).items()}
+        if sources:
+            ref = max(sources, key=sources.get)
+            line += f"{'; ' if trials else ''}best source {sources[ref]:.4g} ({ref})"
+        lines.append(line)
+    return lines
+
+
+def held_out_value(result: dict[str, Any]) -> float:
+    """A stored held-out result's scalarization, by the spec it was scored with (its fingerprint)."""
+    spec = result["fingerprint"]
+    sign = {o["name"]: 1.0 if o["direction"] == "maximize" else -1.0 for o in spec["objectives"]}
+    return sum(w * sign[name] * result["objectives"][name] for name, w in spec["scalarization"].items())
 
 
 def _duration(seconds: float) -> str:
@@ -67,23 +108,48 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def archive_entries(config: RunConfig, study: optuna.Study) -> list[ArchiveEntry]:
+def archive_entries(config: RunConfig, study: optuna.Study, estimates: bool = False) -> list[ArchiveEntry]:
+    """The Pareto archive of the fully scored (COMPLETE) trials; with `estimates`, pruned trials
+    (racing) compete with their estimated objectives too."""
     names, directions = _objectives(config)
-    return pareto_archive(study, names, directions)
+    if not estimates:
+        return pareto_archive(study, names, directions)
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+              if all(n in t.user_attrs.get("objectives", {}) for n in names)]
+    if not trials:
+        return []
+    values = np.array([[t.user_attrs["objectives"][n] for n in names] for t in trials], dtype=float)
+    keep = non_dominated(to_losses(values, directions))
+    return [ArchiveEntry(t.number, dict(t.user_attrs["objectives"]), json.loads(t.user_attrs.get("recipe", "{}")))
+            for t, kept in zip(trials, keep) if kept]
 
 
-def archive_json(entries: list[ArchiveEntry]) -> str:
-    return json.dumps([{"number": e.number, "values": e.values, "recipe": e.recipe} for e in entries], indent=2)
+def archive_json(entries: list[ArchiveEntry], study: optuna.Study | None = None) -> str:
+    results = held_out.stored(study) if study is not None else {}
+    return json.dumps([{"number": e.number, "values": e.values, "recipe": e.recipe,
+                        **_held_out_of(e.number, results, lambda r: r["objectives"])} for e in entries], indent=2)
 
 
-def archive_table(config: RunConfig, entries: list[ArchiveEntry]) -> str:
+def _held_out_of(number: int, results: dict[str, dict[Any, Any]], show: Any) -> dict[str, Any]:
+    found = {name: show(by_trial[number]) for name, by_trial in results.items() if number in by_trial}
+    return {"held_out": found} if found else {}
+
+
+def archive_table(config: RunConfig, entries: list[ArchiveEntry], study: optuna.Study | None = None) -> str:
+    """One row per entry, best scalarization first; a column per held-out spec (its scalarization)
+    where trials were scored on one; a pruned trial's number is starred (estimated objectives)."""
     names, _ = _objectives(config)
-    header = ["trial", *names, "scalarized"]
-    rows = [[str(e.number), *(f"{e.values[n]:.4g}" for n in names), f"{config.fitness.scalarize(e.values):.4g}"]
+    results = held_out.stored(study) if study is not None else {}
+    pruned = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))} if study else set()
+    header = ["trial", *names, "scalarized", *(f"held-out {name}" for name in results)]
+    rows = [[f"{e.number}{'*' if e.number in pruned else ''}", *(f"{e.values[n]:.4g}" for n in names),
+             f"{config.fitness.scalarize(e.values):.4g}",
+             *(f"{held_out_value(by_trial[e.number]):.4g}" if e.number in by_trial else "-" for by_trial in results.values())]
             for e in sorted(entries, key=lambda e: -config.fitness.scalarize(e.values))]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header)] + [fmt.format(*r) for r in rows]) if rows else "no completed trials yet"
+    table = "\n".join([fmt.format(*header)] + [fmt.format(*r) for r in rows]) if rows else "no completed trials yet"
+    return table + ("\n* pruned by racing: estimated objectives" if pruned & {e.number for e in entries} else "")
 
 
 def plot_archive(config: RunConfig, study: optuna.Study, entries: list[ArchiveEntry], path: str | Path) -> None:
@@ -278,5 +344,7 @@ def run_with_progress(search: "Search", quiet: bool = False) -> None:
 def trial_line(n_done: int, total: int, record: dict[str, Any]) -> str:
     if record["state"] == "FAIL":
         return f"trial {record['number']}: failed ({record['error']})"
+    if record["state"] == "PRUNED":
+        return f"trial {record['number']}: pruned after {record['items']} items (estimate {record['value']:.3g})"
     values = ", ".join(f"{k} {v:.3g}" for k, v in record["objectives"].items())
     return f"trial {record['number']} [{n_done}/{total}]: {values}"
