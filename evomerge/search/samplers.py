@@ -45,6 +45,12 @@ class TrialSeeded(BaseSampler):
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self._inner = self._build(trial_seed(self._seed, self.fresh_place(study, trial)))
+        if isinstance(self._inner, optuna.samplers.NSGAIISampler):
+            # Optuna orders a generation's parents by elite rank when it first chooses them, by trial
+            # id when it reads them back from the study, and picks parents by position: choosing (and
+            # storing) them first means every proposal reads them back, so the retry of a generation's
+            # killed first trial proposes what that trial would have.
+            self._inner.get_parent_population(study, self._inner.get_trial_generation(study, trial))
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
