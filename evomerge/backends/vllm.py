@@ -34,6 +34,7 @@ import functools
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,11 +168,17 @@ class VllmBackend:
     """Resident sources and one vLLM engine; `materialize` swaps a recipe's weights into it."""
 
     def __init__(self, refs: Sequence[str], *, dtype: str = "bfloat16", options: EngineOptions = EngineOptions(),
-                 allow_pickle: bool = False, trust_remote_code: bool = False, tokenizer_source: str | None = None):
+                 device: str | None = None, routes: bool = False, allow_pickle: bool = False,
+                 trust_remote_code: bool = False, tokenizer_source: str | None = None):
+        """`device`: the run config's (None: wherever this vLLM build runs); `routes`: the search routes layers,
+        so sources this engine cannot route are refused before the engine starts."""
         vllm = import_vllm()
         from vllm.platforms import current_platform
 
         self.device = torch.device(current_platform.device_type)
+        if device is not None and (torch.device(device).type, torch.device(device).index or 0) != (self.device.type, 0):
+            raise EvomergeError(f"device {device}, but the installed vLLM runs on {self.device.type} and picks its GPU "
+                                "itself: set device: auto (choose the GPU with CUDA_VISIBLE_DEVICES)")
         self.dtype_name, self.dtype = dtype, getattr(torch, dtype)
         self.tokenizer_source = tokenizer_source
         paths = {ref: resolve_path(ref, allow_pickle=allow_pickle) for ref in dict.fromkeys(refs)}
@@ -187,6 +194,8 @@ class VllmBackend:
                                 trust_remote_code=trust_remote_code, tokenizer_source=tokenizer_source)
         self.n_layers = self.inputs.n_layers
         self.layout = EngineLayout(self.inputs, self.depth)
+        if routes:
+            self._folded  # noqa: B018 - refuses what this engine cannot route
         self._files = tempfile.TemporaryDirectory(prefix="evomerge-vllm-")  # the engine's config (and tokenizer)
         self.llm = start_engine(vllm, self._engine_files(Path(self._files.name)), self.dtype_name, options,
                                 trust_remote_code)
@@ -244,15 +253,13 @@ class VllmBackend:
     # ---- one candidate ----------------------------------------------------------------------------
 
     def materialize(self, recipe: Recipe) -> Candidate:
-        """Swap the recipe's weights into the engine; the candidate is valid until the next call."""
+        """Swap the recipe's weights into the engine; the candidate is valid until the next call. Its dtype
+        is the engine's (the run config's), whatever the recipe says, as for the HF backend's candidate."""
         self.inputs.check_loaded(recipe.refs)
         recipe.validate()
         if recipe.tokenizer_source != self.tokenizer_source:
             raise EvomergeError(f"recipe asks for tokenizer_source {recipe.tokenizer_source!r}, but the vLLM engine "
                                 f"was built with {self.tokenizer_source!r}; the run config's tokenizer_source sets it")
-        if recipe.dtype != self.dtype_name:
-            raise EvomergeError(f"recipe dtype {recipe.dtype} differs from the vLLM engine's {self.dtype_name}; "
-                                "the engine's dtype is the run config's `dtype`")
         if recipe.method is not None:
             recipe.check_groups(self.n_layers)
         if recipe.route is not None:
@@ -388,8 +395,11 @@ def engine_config(config: PretrainedConfig, depth: int) -> PretrainedConfig:
 # ---- vLLM --------------------------------------------------------------------------------------
 
 def import_vllm() -> Any:
-    """vLLM, with the engine in this process unless the user chose otherwise (see the module docstring)."""
+    """vLLM, with the engine in this process unless the user chose otherwise (see the module docstring), and
+    its logs at ERROR unless the user set VLLM_LOGGING_LEVEL (its start-up INFO and CPU-tuning WARNING lines
+    would bury evomerge's own output; the memory plan line says what matters)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         import vllm
     except ImportError:
@@ -435,7 +445,9 @@ def quiet_vllm() -> Iterator[None]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # vLLM's own use of deprecated torch names
+            yield
     finally:
         logger.setLevel(level)
 
