@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluate import _quiet_hflm, load_tasks, quiet
+from evomerge.backends.hf import quiet_hflm
+from evomerge.evaluate import load_tasks
 from evomerge.item_results import ItemResults, by_task, evaluate_items, scores_from_items, task_sizes
 from evomerge.zoo import SKILLS, exact_match, split_examples
 
@@ -33,9 +34,7 @@ def tasks():
 @pytest.fixture(scope="module")
 def lm():
     model = AutoModelForCausalLM.from_pretrained(ZOO / "expert_srt", dtype=torch.float32).eval()
-    with quiet():
-        return _quiet_hflm()(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(ZOO / "base"),
-                             batch_size=64, device="cpu")
+    return quiet_hflm(model, AutoTokenizer.from_pretrained(ZOO / "base"), batch_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ class Search:
         self.genome = Genome(config.search_space, config.models, config.base_model, self.backend.n_layers,
                              config.tokenizer_source)
         self.study.sampler = make_sampler(config, self.genome, self.db)
-        self.worker = Worker(self.db, self.study, config.n_trials)
+        self.worker = Worker(self.db, self.study)
 
     def _open_database(self):
         return open_database(self.config.storage, self.config.heartbeat, stale_trial_callback=retry_dead_trial,
@@ -104,7 +104,7 @@ class Search:
     def run_one(self) -> dict[str, Any] | None:
         """One trial, or None when there is none to take now."""
         start = time.perf_counter()
-        with self.worker.next_trial() as trial:  # claimed; given back if anything escapes this block
+        with self.worker.next_trial(self.config.n_trials) as trial:  # claimed; given back if anything escapes this block
             if trial is None:
                 return None
             faults.begin(trial.number)

@@ -124,8 +124,8 @@ def _is_dead(trial: FrozenTrial, single_worker: bool, grace_s: float) -> bool:
 class Worker:
     """This process's part in a study (see the module docstring); holds a SQLite study's lock file."""
 
-    def __init__(self, db: Database, study: optuna.Study, n_trials: int):
-        self.db, self.study, self.n_trials = db, study, n_trials
+    def __init__(self, db: Database, study: optuna.Study):
+        self.db, self.study = db, study
         self.study_id = db.study_id(study.study_name)
         self._sqlite_lock = self._refuse_second_sqlite_worker()
 
@@ -154,12 +154,12 @@ class Worker:
         return True
 
     @contextmanager
-    def next_trial(self) -> Iterator[optuna.Trial | None]:
+    def next_trial(self, n_trials: int) -> Iterator[optuna.Trial | None]:
         """The trial this worker runs next, claimed and kept alive while the block runs; None when
-        there is none to take now (the budget is taken, or the rest of a CMA-ES generation runs
-        on other workers: wait and ask again). If another worker failed the trial meanwhile (a
-        heartbeat later than the grace period), the block ends there, with one line."""
-        taken = self._take()
+        there is none to take now (a budget of `n_trials` completed trials is taken, or the rest of
+        a CMA-ES generation runs on other workers: wait and ask again). If another worker failed the
+        trial meanwhile (a heartbeat later than the grace period), the block ends there, with one line."""
+        taken = self._take(n_trials)
         if taken is None:
             yield None
             return
@@ -178,12 +178,12 @@ class Worker:
         """All the trial's params are recorded: a retry may carry them (see retry_dead_trial)."""
         self.db.storage.set_trial_system_attr(self._id(trial.number), SAMPLED, True)
 
-    def _take(self) -> tuple[optuna.Trial, int] | None:
+    def _take(self, n_trials: int) -> tuple[optuna.Trial, int] | None:
         """Under the budget lock: budget, slot, ask, claim (see the module docstring)."""
         next_slot = getattr(self.study.sampler, "next_slot", None)  # CMA-ES: candidates have places
         with self.db.exclusive(f"budget:{self.study.study_name}"):  # workers must not overshoot the budget
             counts = self.counts()
-            if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= self.n_trials:
+            if counts[TrialState.COMPLETE] + counts[TrialState.RUNNING] >= n_trials:
                 return None
             slot = None
             if next_slot is not None and not counts[TrialState.WAITING]:  # a waiting retry keeps its own slot

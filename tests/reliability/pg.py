@@ -69,9 +69,9 @@ class Cluster:
         shutil.chown(pwfile, *self._owner())
         self._run(_binary("initdb"), "-D", str(self.root / "data"), "-U", USER, f"--pwfile={pwfile}",
                   "--auth-host=scram-sha-256", "--auth-local=trust", "--no-sync")
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+        self._options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
                    "-c full_page_writes=off -c max_connections=100")
-        self._run(_binary("pg_ctl"), "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-o", options, "-w", "start")
+        self._run(_binary("pg_ctl"), "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-o", self._options, "-w", "start")
 
     def _pg_ctl(self, *args: str) -> None:
         self._run(_binary("pg_ctl"), "-D", str(self.root / "data"), "-l", str(self.root / "log"), *args)
@@ -85,7 +85,8 @@ class Cluster:
         self._pg_ctl("-m", "fast", "-w", "stop")
 
     def resume(self) -> None:
-        self._pg_ctl("-w", "start")
+        """Started again, on the same port and settings (a plain `pg_ctl start` would forget them)."""
+        self._pg_ctl("-o", self._options, "-w", "start")
 
     def _owner(self) -> tuple[int, int]:
         stat = self.root.stat()

@@ -56,6 +56,20 @@ def _counts(path) -> dict[str, int]:
     return {s.name: sum(t.state == s for t in trials) for s in TrialState}
 
 
+def _counts_once_readable(path, timeout: float = 60) -> dict[str, int]:
+    """The counts, retried while a just-restarted server still refuses connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            trials = trials_of(path)
+        except Exception:  # noqa: BLE001
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
+        return {s.name: sum(t.state == s for t in trials) for s in TrialState}
+
+
 def _wait_until_complete(path, n: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while _counts(path).get("COMPLETE", 0) < n:
@@ -94,6 +108,6 @@ def test_a_worker_stops_with_one_line_when_the_database_stays_away(tmp_path, zoo
     last = output.strip().splitlines()[-1]
     assert "Traceback" not in output and last.startswith("evomerge: error:"), output
     assert "unreachable" in last and "resume" in last and "pg-test-secret" not in output
-    done = _counts(path)["COMPLETE"]
+    done = _counts_once_readable(path)["COMPLETE"]
     assert main(["run", str(path), "--quiet", "--n-trials", str(done + 2)]) == 0  # re-running resumes
     assert _counts(path)["COMPLETE"] == done + 2 and _counts(path)["RUNNING"] == 0
