@@ -121,11 +121,11 @@ def serve(backend: str, size: dict, padded: bool) -> None:
     for task in tasks["tasks"].values():
         task.config.test_split = "search" if "search" in (task.dataset or {}) else task.config.test_split
     start = time.perf_counter()
-    materialize = hf_backend(size) if backend == "hf" else vllm_backend(size, padded)
+    scorer = hf_backend(size) if backend == "hf" else vllm_backend(size, padded)
     print("BENCH " + json.dumps({"start": time.perf_counter() - start}), flush=True)
     for line in sys.stdin:
         t0 = time.perf_counter()
-        lm = materialize(Recipe.from_dict(json.loads(line)))
+        lm = scorer.materialize(Recipe.from_dict(json.loads(line))).lm
         t1 = time.perf_counter()
         with quiet():
             results = evaluate(lm=lm, task_dict=tasks, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
@@ -134,32 +134,24 @@ def serve(backend: str, size: dict, padded: bool) -> None:
 
 
 def hf_backend(size: dict):
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
-
+    """The HF backend as `evomerge run --backend hf` builds it (evomerge.backends.make_backend)."""
+    from evomerge.backends.hf import HfBackend
     from evomerge.merge.materialize import Materializer
 
-    materializer = Materializer(size["refs"], dtype="float32", device="cpu")
-    tok = AutoTokenizer.from_pretrained(size["refs"][0])
-    lm = HFLM(pretrained=materializer.candidate, tokenizer=tok, batch_size=size["batch_size"], device="cpu")
-
-    def materialize(recipe):
-        materializer.apply(recipe)  # a PS recipe: written in place into the model `lm` wraps
-        return lm
-
-    return materialize
+    return HfBackend(Materializer(size["refs"], dtype="float32", device="cpu"), size["refs"][0],
+                     batch_size=size["batch_size"])
 
 
 def vllm_backend(size: dict, padded: bool):
+    """The vLLM backend; `padded`: at twice the sources' depth, as a DFS search's engine."""
     from transformers import AutoConfig
 
     from evomerge.backends.vllm import VllmBackend
     from evomerge.backends.vllm_options import EngineOptions
 
     depth = 2 * AutoConfig.from_pretrained(size["refs"][0]).num_hidden_layers if padded else None
-    backend = VllmBackend(size["refs"], dtype="float32",
-                          options=EngineOptions(max_path_length=depth, max_model_len=size["max_model_len"]))
-    return lambda recipe: backend.materialize(recipe).lm
+    return VllmBackend(size["refs"], dtype="float32",
+                       options=EngineOptions(max_path_length=depth, max_model_len=size["max_model_len"]))
 
 
 class Worker:
