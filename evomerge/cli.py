@@ -53,7 +53,7 @@ def _config(args: argparse.Namespace):
     from evomerge.config import load_config
 
     return load_config(args.config, n_trials=getattr(args, "n_trials", None), storage=args.storage,
-                       study_name=args.study_name, seed=getattr(args, "seed", None))
+                       study_name=args.study_name, seed=getattr(args, "seed", None), backend=getattr(args, "backend", None))
 
 
 def _existing_study(config):
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = study_parser("run", "start or resume the search in the config's study")
     run.add_argument("--n-trials", type=int, help="total completed trials the study should reach (not: trials to add)")
     run.add_argument("--seed", type=int, help="search seed (default: the config's)")
+    run.add_argument("--backend", choices=("hf", "vllm"),
+                     help="where candidates are scored (default: the config's backend; its vllm options are kept)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_opt_in_flags(run)
     run.set_defaults(func=cmd_run)

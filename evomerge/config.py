@@ -12,6 +12,7 @@ and where the study lives. Every error names the file, the key and what was expe
     seed: 0
     storage: null                            # default sqlite:///runs/<name>/study.db
     device: auto                             # auto | cpu | cuda | cuda:N
+    backend: hf                              # or vllm, or {name: vllm, max_model_len: 2048, ...} (EngineOptions)
     reconnect_timeout_s: 300                 # a lost database connection is retried this long
 """
 
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evomerge.backends.vllm_options import EngineOptions
 from evomerge.errors import EvomergeError
 from evomerge.fitness import FitnessSpec
 from evomerge.routing_layouts import check_routable
@@ -35,7 +37,8 @@ SAMPLERS = {
     "random": set(),
 }
 _KEYS = {"name", "models", "base_model", "search_space", "fitness", "sampler", "budget", "seed", "storage",
-         "study_name", "device", "dtype", "heartbeat", "reconnect_timeout_s", "tokenizer_source", "description"}
+         "study_name", "device", "dtype", "heartbeat", "reconnect_timeout_s", "tokenizer_source", "description", "backend"}
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -61,13 +64,17 @@ class RunConfig:
     reconnect_timeout_s: float = 300.0  # how long a lost database connection is retried before the run stops
     tokenizer_source: str | None = None  # base | union | a model: experts whose vocabularies differ (see recipe.py)
     n_items: int | None = None  # budget.items: evaluated items (racing spends a varying number per trial)
+    backend: str = "hf"  # where candidates are scored (evomerge.backends); not in the fingerprint: see `fingerprint`
+    engine: EngineOptions = field(default_factory=EngineOptions)  # the vllm backend's options
 
     @property
     def out_dir(self) -> Path:
         return Path("runs") / self.name
 
     def fingerprint(self) -> dict[str, Any]:
-        """What makes two commands the same study: resuming with a different one is refused."""
+        """What makes two commands the same study: resuming with a different one is refused.
+        Like device and dtype, the backend is how trials are scored, not what they mean: both backends give
+        the same scores (tests/test_backend_cli.py), so a study may be resumed on either."""
         fingerprint = {"models": self.models, "base_model": self.base_model, "search_space": asdict(self.search_space),
                        "fitness": self.fitness.fingerprint(), "sampler": self.sampler, "seed": self.seed}
         if self.tokenizer_source is not None:  # absent otherwise, as in studies made before the key existed
@@ -89,7 +96,7 @@ def _int(data: dict, key: str, where: str, default: int | None, minimum: int) ->
 
 
 def load_config(path: str | Path, *, n_trials: int | None = None, storage: str | None = None,
-                study_name: str | None = None, seed: int | None = None) -> RunConfig:
+                study_name: str | None = None, seed: int | None = None, backend: str | None = None) -> RunConfig:
     """Read and validate a run config; command-line overrides win over the file."""
     path = Path(path)
     where = str(path)
@@ -144,6 +151,11 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
     dtype = data.get("dtype", "bfloat16")
     if dtype not in ("bfloat16", "float16", "float32"):
         raise _err(where, "dtype", "bfloat16, float16 or float32", dtype)
+    backend_name, engine = _backend(data.get("backend", "hf"), where)
+    backend_name = backend or backend_name
+    if backend_name == "vllm" and fitness.kind != "lm_eval":
+        raise EvomergeError(f"{where}: fitness {data['fitness']} is kind {fitness.kind}, which scores Hugging Face "
+                            "models only: use backend hf, or an lm_eval fitness with the vllm backend")
     return RunConfig(
         path=path, name=name, models=models, base_model=base, search_space=space,
         search_space_path=str(data["search_space"]), fitness=fitness, fitness_path=str(data["fitness"]),
@@ -156,7 +168,7 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
         study_name=study_name or data.get("study_name") or name,
         device=None if device == "auto" else str(device), dtype=dtype,
         heartbeat={"interval": 10.0, "grace": 30.0, **{k: float(v) for k, v in heartbeat.items()}},
-        reconnect_timeout_s=float(reconnect), tokenizer_source=tokenizer_source,
+        reconnect_timeout_s=float(reconnect), tokenizer_source=tokenizer_source, backend=backend_name, engine=engine,
         n_items=_int(budget, "items", f"{where}: budget", None, 1),
     )
 
@@ -168,6 +180,18 @@ def _existing(value: Any, where: str, key: str) -> Path:
     if not path.is_file():
         raise EvomergeError(f"{where}: {key}: file {value} not found (paths are relative to {Path.cwd()})")
     return path
+
+
+def _backend(value: Any, where: str) -> tuple[str, EngineOptions]:
+    """`hf`, `vllm` or {name: vllm, ...EngineOptions}; the engine options are kept when the command line
+    switches the backend (`evomerge run --backend`)."""
+    data = {"name": value} if isinstance(value, str) else value
+    if not isinstance(data, dict) or data.get("name") not in BACKENDS:
+        raise _err(where, "backend", "hf, vllm or {name: vllm, ...engine options}", value)
+    options = {k: v for k, v in data.items() if k != "name"}
+    if data["name"] == "hf" and options:
+        raise EvomergeError(f"{where}: backend: hf takes no options, got {sorted(options)} (engine options are vllm's)")
+    return data["name"], EngineOptions.from_dict(options, f"{where}: backend")
 
 
 def _sampler(value: Any, where: str) -> tuple[str, dict[str, Any]]:

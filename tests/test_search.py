@@ -15,18 +15,25 @@ from optuna.trial import TrialState
 
 from evomerge.cli import main
 from evomerge.config import load_config
-from reliability.harness import completed_sequence, run_cli, trials_of, wait_for_running_trial_after, write_config
+from reliability.harness import (completed_sequence, need_backend, run_cli, run_to_end, trials_of,
+                                 wait_for_running_trial_after, write_config)
 
 
-@pytest.mark.parametrize("sampler, kills", [({"name": "cmaes", "popsize": 4}, [2, 4, 7]),
-                                             ({"name": "nsga2", "population_size": 4}, [0, 5])],
-                         ids=["cmaes", "nsga2"])
-def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, zoo, sampler, kills):
-    """Killed mid-generation, at a generation boundary and during the first trial."""
+CMAES, NSGA2 = {"name": "cmaes", "popsize": 4}, {"name": "nsga2", "population_size": 4}
+
+
+@pytest.mark.parametrize("sampler, kills, backend", [(CMAES, [2, 4, 7], "hf"), (NSGA2, [0, 5], "hf"),
+                                                     (CMAES, [2, 4, 7], "vllm")],
+                         ids=["cmaes-hf", "nsga2-hf", "cmaes-vllm"])
+def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, zoo, sampler, kills, backend):
+    """Killed mid-generation, at a generation boundary and during the first trial. On vLLM (one engine start
+    per process) with CMA-ES only: NSGA-II resumes the same whatever scores its trials, and
+    tests/reliability/test_kill_resume.py kills an NSGA-II search on vLLM in every phase."""
+    need_backend(backend)
     n = 10
-    straight = write_config(tmp_path, zoo, "straight", sampler, n)
-    assert main(["run", str(straight), "--quiet"]) == 0
-    killed = write_config(tmp_path, zoo, "killed", sampler, n)
+    straight = write_config(tmp_path, zoo, "straight", sampler, n, backend=backend)
+    run_to_end(straight, backend)
+    killed = write_config(tmp_path, zoo, "killed", sampler, n, backend=backend)
     for k in kills:  # kill while trial k+1 is running (mid-generation for most k)
         proc = run_cli(killed)
         wait_for_running_trial_after(killed, k)

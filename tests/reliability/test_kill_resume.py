@@ -1,25 +1,29 @@
 """SIGKILL in each phase of a trial (held there by EVOMERGE_FAULT), resume, and the study ends
 as an uninterrupted run with the same seed: same completed trials in the same order, nothing
-lost, nothing evaluated twice, same Pareto archive. `python bench/soak.py` does 20+ kills.
+lost, nothing evaluated twice, same Pareto archive; on both backends (vLLM where it is installed: one engine
+start per process). `python bench/soak.py` does 20+ kills.
 (Kills at arbitrary moments for CMA-ES and NSGA-II: tests/test_search.py.)"""
 
 from __future__ import annotations
 
-from evomerge.cli import main
-from reliability.harness import (KILL_PHASES, Audit, archive_key, completed_sequence, evaluated_twice, kill_in_phase,
-                                 write_config)
+import pytest
+
+from reliability.harness import (BACKENDS, KILL_PHASES, Audit, archive_key, completed_sequence, evaluated_twice,
+                                 kill_in_phase, need_backend, run_to_end, write_config)
 
 
-def test_killed_in_every_phase_resumes_to_the_uninterrupted_search(tmp_path, zoo):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_killed_in_every_phase_resumes_to_the_uninterrupted_search(tmp_path, zoo, backend):
+    need_backend(backend)
     sampler, n = {"name": "nsga2", "population_size": 4}, 7
-    straight = write_config(tmp_path, zoo, "straight", sampler, n)
-    assert main(["run", str(straight), "--quiet"]) == 0
-    killed = write_config(tmp_path, zoo, "killed", sampler, n)
+    straight = write_config(tmp_path, zoo, "straight", sampler, n, backend=backend)
+    run_to_end(straight, backend)
+    killed = write_config(tmp_path, zoo, "killed", sampler, n, backend=backend)
     audit = Audit()
     for phase in KILL_PHASES:  # each process first completes the retry of the trial killed before
         assert kill_in_phase(killed, phase, nth=2), phase
         audit.record(killed)
-    assert main(["run", str(killed), "--quiet"]) == 0
+    run_to_end(killed, backend)
     assert completed_sequence(killed) == completed_sequence(straight)
     assert audit.lost(killed) == [] and evaluated_twice(killed) == 0
     assert archive_key(killed) == archive_key(straight)
