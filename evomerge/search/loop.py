@@ -31,7 +31,7 @@ from evomerge.search.identity import check_layers, create_study, find_study
 from evomerge.search.samplers import make_sampler
 from evomerge.search.scoring import Evaluation, make_scoring
 from evomerge.search.storage import open_database, sqlite_file_missing
-from evomerge.search.workers import Worker, retry_dead_trial
+from evomerge.search.workers import Worker, retry_dead_trial, sqlite_worker_lock
 
 MAX_CONSECUTIVE_FAILURES = 20
 BUSY_WAIT_S = 0.5  # polling the study while other workers hold the rest of a generation or budget
@@ -62,6 +62,7 @@ class Search:
         refs = ([config.base_model] if config.base_model else []) + config.models
         for ref in refs:
             local_dir(ref)  # a missing model is reported as such, before the study is read
+        sqlite_lock = sqlite_worker_lock(config.storage, config.study_name)  # a second SQLite worker: refused now
         db = None if sqlite_file_missing(config.storage) else self._open_database()
         existing = find_study(config, db, to_run=True) if db else None
         start = time.perf_counter()
@@ -80,7 +81,7 @@ class Search:
         self.genome = Genome(config.search_space, config.models, config.base_model, self.backend.n_layers,
                              config.tokenizer_source)
         self.study.sampler = make_sampler(config, self.genome, self.db)
-        self.worker = Worker(self.db, self.study)
+        self.worker = Worker(self.db, self.study, sqlite_lock)
 
     def _open_database(self):
         return open_database(self.config.storage, self.config.heartbeat, stale_trial_callback=retry_dead_trial,

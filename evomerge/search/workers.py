@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO
 
 import optuna
+import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -124,10 +125,12 @@ def _is_dead(trial: FrozenTrial, single_worker: bool, grace_s: float) -> bool:
 class Worker:
     """This process's part in a study (see the module docstring); holds a SQLite study's lock file."""
 
-    def __init__(self, db: Database, study: optuna.Study):
+    def __init__(self, db: Database, study: optuna.Study, sqlite_lock: IO[str] | None = None):
+        """`sqlite_lock`: `sqlite_worker_lock`'s file, taken before the study was read (kept while this lives)."""
         self.db, self.study = db, study
         self.study_id = db.study_id(study.study_name)
-        self._sqlite_lock = self._refuse_second_sqlite_worker()
+        self._sqlite_lock = sqlite_lock
+        self._refuse_second_sqlite_worker()
 
     def counts(self) -> dict[TrialState, int]:
         return self.db.count_trials(self.study_id)
@@ -213,27 +216,35 @@ class Worker:
     def _id(self, number: int) -> int:
         return self.db.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
-    def _refuse_second_sqlite_worker(self) -> IO[str] | None:
-        """SQLite ignores row locks, so two workers can pop one queued trial twice: one worker per
-        SQLite study. A lock file beside the database, held while this object lives, refuses a
-        second worker on this host even when both start at the same moment; a RUNNING trial of a
-        live worker refuses one elsewhere (a shared folder)."""
+    def _refuse_second_sqlite_worker(self) -> None:
+        """A RUNNING trial of a live worker refuses a second one on a SQLite study (one in a shared
+        folder, on another host, which `sqlite_worker_lock` cannot see)."""
         if not self.db.single_worker:
-            return None
-        lock = None
-        database = self.db.engine.url.database
-        if database and database != ":memory:":
-            path = Path(f"{database}-{self.study.study_name}.lock")
-            lock = path.open("w")
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.close()
-                raise EvomergeError(f"another worker is running this SQLite study ({path} is locked); {_ONE_WORKER}") from None
+            return
         self.recover_dead_trials()
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if running:
             worker = running[0].system_attrs.get(WORKER) or {}
             raise EvomergeError(f"another worker (pid {worker.get('pid', '?')} on {worker.get('host', '?')}) is running "
                                 f"trial {running[0].number} of this SQLite study; {_ONE_WORKER}")
-        return lock
+
+
+def sqlite_worker_lock(url: str, study_name: str) -> IO[str] | None:
+    """SQLite ignores row locks, so two workers can pop one queued trial twice: one worker per SQLite
+    study. A lock file beside the database, taken before the study is read or created and held while
+    the run lives, refuses a second worker on this host at once, even when both start at the same
+    moment. None for other databases."""
+    if not url.startswith("sqlite:///"):
+        return None
+    database = sqlalchemy.make_url(url).database
+    if not database or database == ":memory:":
+        return None
+    path = Path(f"{database}-{study_name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise EvomergeError(f"another worker is running this SQLite study ({path} is locked); {_ONE_WORKER}") from None
+    return lock

@@ -71,7 +71,7 @@ def test_a_candidate_already_scored_is_copied_not_evaluated(search):
 
 
 def test_ctrl_c_fails_the_trial_as_not_the_candidates_fault_and_enqueues_its_retry(search, monkeypatch):
-    def interrupt(params):
+    def interrupt(recipe, trial):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(search, "score", interrupt)
