@@ -14,6 +14,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -22,6 +23,9 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from evomerge.errors import EvomergeError
 from evomerge.layouts import WeightMap, build_model, decoder_layers, text_config
 from evomerge.refs import resolve_path
+
+if TYPE_CHECKING:
+    from evomerge.recipe import Recipe
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -209,6 +213,15 @@ class SourceSet:
         unknown = [r for r in refs if r not in self.sources]
         if unknown:
             raise EvomergeError(f"recipe names model {unknown[0]!r}, which was not loaded; loaded: {list(self.sources)}")
+
+    def check_recipe(self, recipe: Recipe, tokenizer_source: str | None, holder: str) -> None:
+        """The recipe can be built from these sources, loaded for `tokenizer_source` by `holder` (for the
+        error): its models are loaded, it is valid, and it asks for the same tokenizer_source."""
+        self.check_loaded(recipe.refs)
+        recipe.validate()
+        if recipe.tokenizer_source != tokenizer_source:
+            raise EvomergeError(f"recipe asks for tokenizer_source {recipe.tokenizer_source!r}, but {holder} "
+                                f"{tokenizer_source!r}")
 
     def layer_of(self, name: str) -> int | None:
         return self.weights.layer_of(name, self.layers_path)

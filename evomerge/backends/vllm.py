@@ -255,11 +255,7 @@ class VllmBackend:
     def materialize(self, recipe: Recipe) -> Candidate:
         """Swap the recipe's weights into the engine; the candidate is valid until the next call. Its dtype
         is the engine's (the run config's), whatever the recipe says, as for the HF backend's candidate."""
-        self.inputs.check_loaded(recipe.refs)
-        recipe.validate()
-        if recipe.tokenizer_source != self.tokenizer_source:
-            raise EvomergeError(f"recipe asks for tokenizer_source {recipe.tokenizer_source!r}, but the vLLM engine "
-                                f"was built with {self.tokenizer_source!r}; the run config's tokenizer_source sets it")
+        self.inputs.check_recipe(recipe, self.tokenizer_source, "the vLLM engine was built (run config's tokenizer_source) with")
         if recipe.method is not None:
             recipe.check_groups(self.n_layers)
         if recipe.route is not None:

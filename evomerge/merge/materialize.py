@@ -97,11 +97,7 @@ class Materializer:
         """The recipe's candidate. A parameter-space recipe overwrites the candidate's weights and returns
         the same model object every time; a route returns a new model object (its parameter-space part,
         if any, is merged into the candidate first and routed as `merged`). Valid until the next call."""
-        self.inputs.check_loaded(recipe.refs)
-        recipe.validate()
-        if recipe.tokenizer_source != self.tokenizer_source:
-            raise EvomergeError(f"recipe asks for tokenizer_source {recipe.tokenizer_source!r}, but its models were "
-                                f"loaded with {self.tokenizer_source!r}; load them for this recipe")
+        self.inputs.check_recipe(recipe, self.tokenizer_source, "its models were loaded with")
         if recipe.method is not None:
             self._merge(recipe)
         self.model = self.candidate if recipe.route is None else self.router.build(recipe.route, self.candidate)
