@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from evomerge import faults
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.refs import local_dir, resolve_path
 from evomerge.recipe import Recipe, Source
-from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, ITEM_RESULTS, ITEMS, SOURCES
+from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, ITEM_RESULTS, ITEMS, SAMPLED, SOURCES
 from evomerge.search.genome import Genome
 from evomerge.search.identity import check_layers, create_study, find_study
 from evomerge.search.samplers import make_sampler
@@ -189,17 +189,27 @@ class Search:
     def _copied(self, trial: optuna.Trial) -> Scored | None:
         """The result of a completed trial with the very same params, which this one then copies
         (user attr copy_of) instead of evaluating: scores are deterministic, and NSGA-II's children
-        often copy a parent (a quarter of them at population 4, a few percent at 16)."""
-        for earlier in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if earlier.params == trial.params:
-                trial.set_user_attr("copy_of", earlier.number)
-                attrs = earlier.user_attrs
-                if ITEM_RESULTS in attrs:  # what its scores rest on; it evaluated nothing itself
-                    trial.set_user_attr(ITEM_RESULTS, attrs[ITEM_RESULTS])
-                    trial.set_user_attr(ITEMS, 0)
-                return Scored(dict(attrs["objectives"]), {"materialize_s": 0.0, "evaluate_s": 0.0},
-                              Evaluation(dict(attrs["scores"])))
-        return None
+        often copy a parent (a quarter of them at population 4, a few percent at 16). A twin that
+        another worker is still evaluating is waited for, then copied (or, if it fails, evaluated here)."""
+        while (earlier := self._twin(trial)) is not None and earlier.state != TrialState.COMPLETE:
+            time.sleep(BUSY_WAIT_S)
+            self.worker.recover_dead_trials()  # a twin whose worker died is failed, and no longer waited for
+        if earlier is None:
+            return None
+        trial.set_user_attr("copy_of", earlier.number)
+        attrs = earlier.user_attrs
+        if ITEM_RESULTS in attrs:  # what its scores rest on; it evaluated nothing itself
+            trial.set_user_attr(ITEM_RESULTS, attrs[ITEM_RESULTS])
+            trial.set_user_attr(ITEMS, 0)
+        return Scored(dict(attrs["objectives"]), {"materialize_s": 0.0, "evaluate_s": 0.0}, Evaluation(dict(attrs["scores"])))
+
+    def _twin(self, trial: optuna.Trial) -> FrozenTrial | None:
+        """A completed trial with the trial's params, else an earlier-numbered one running them (only the
+        later of two running twins waits, so two never wait for each other), else None."""
+        twins = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                 if t.params == trial.params and t.number != trial.number]
+        return next((t for t in twins if t.state == TrialState.COMPLETE), None) or next(
+            (t for t in twins if t.number < trial.number and t.system_attrs.get(SAMPLED)), None)
 
     def _failed(self, trial: optuna.Trial, exc: BaseException) -> dict[str, Any]:
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
