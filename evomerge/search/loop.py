@@ -62,9 +62,9 @@ class Search:
         refs = ([config.base_model] if config.base_model else []) + config.models
         for ref in refs:
             local_dir(ref)  # a missing model is reported as such, before the study is read
-        sqlite_lock = sqlite_worker_lock(config.storage, config.study_name)  # a second SQLite worker: refused now
         db = None if sqlite_file_missing(config.storage) else self._open_database()
         existing = find_study(config, db, to_run=True) if db else None
+        sqlite_lock = sqlite_worker_lock(config.storage, config.study_name)  # a second SQLite worker: refused now
         start = time.perf_counter()
         from evomerge.backends import make_backend  # torch, transformers, lm-eval
         from evomerge.evaluate import build_evaluator

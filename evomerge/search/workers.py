@@ -240,8 +240,11 @@ def sqlite_worker_lock(url: str, study_name: str) -> IO[str] | None:
     if not database or database == ":memory:":
         return None
     path = Path(f"{database}-{study_name}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.open("w")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.open("w")
+    except OSError:
+        return None  # an unusable folder: opening the database reports it in one line
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
