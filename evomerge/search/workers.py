@@ -126,7 +126,7 @@ class Worker:
     """This process's part in a study (see the module docstring); holds a SQLite study's lock file."""
 
     def __init__(self, db: Database, study: optuna.Study, sqlite_lock: IO[str] | None = None):
-        """`sqlite_lock`: `sqlite_worker_lock`'s file, taken before the study was read (kept while this lives)."""
+        """`sqlite_lock`: `sqlite_worker_lock`'s file, taken before the models loaded (kept while this lives)."""
         self.db, self.study = db, study
         self.study_id = db.study_id(study.study_name)
         self._sqlite_lock = sqlite_lock
@@ -231,8 +231,8 @@ class Worker:
 
 def sqlite_worker_lock(url: str, study_name: str) -> IO[str] | None:
     """SQLite ignores row locks, so two workers can pop one queued trial twice: one worker per SQLite
-    study. A lock file beside the database, taken before the study is read or created and held while
-    the run lives, refuses a second worker on this host at once, even when both start at the same
+    study. A lock file beside the database, taken once the study's fingerprint is checked (before the
+    models load or the study is created) and held while the run lives, refuses a second worker on this host at once, even when both start at the same
     moment. None for other databases."""
     if not url.startswith("sqlite:///"):
         return None
