@@ -30,6 +30,7 @@ from evomerge.merge.materialize import Materializer, merged_tensors
 from evomerge.recipe import Recipe, Route, Step
 from evomerge.routing_layouts import check_routable
 from test_operators import ref_gta, ref_magnitude
+from test_routing import scale_by
 
 N_LAYERS = 3
 IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
@@ -211,14 +212,6 @@ def route_recipe(steps, embed_from) -> Recipe:
 def hook_scaled_logits(m: Materializer, steps) -> torch.Tensor:
     """Reference: the unscaled route with each step's input multiplied by its scale in a forward pre-hook."""
     model = m.apply(route_recipe([(r, layer, 1.0) for r, layer, _ in steps], steps[0][0]))
-
-    def scale_by(w):
-        def hook(module, args, kwargs):
-            if args:
-                return (args[0] * w, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * w}
-        return hook
-
     layers = model.get_submodule(m.inputs.layers_path)
     handles = [layer.register_forward_pre_hook(scale_by(s[2]), with_kwargs=True) for layer, s in zip(layers, steps)]
     try:

@@ -50,17 +50,18 @@ def random_route(refs, r, rng, n_layers=4, max_len=8):
     return [(*slots[t], rng.uniform(0.5, 2.0)) for t in chosen]
 
 
+def scale_by(w):
+    """A forward pre-hook multiplying a decoder layer's input hidden states by w (positional or keyword)."""
+    def hook(module, args, kwargs):
+        if args:
+            return (args[0] * w, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * w}
+    return hook
+
+
 def hook_scaled_logits(materializer, steps):
     """Reference: the unscaled route with each step's input multiplied by its scale in a pre-hook."""
     model = routed(materializer, [(ref, layer) for ref, layer, _ in steps])
-
-    def scale_by(w):
-        def hook(module, args, kwargs):
-            if args:
-                return (args[0] * w, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * w}
-        return hook
-
     handles = [layer.register_forward_pre_hook(scale_by(s[2]), with_kwargs=True)
                for layer, s in zip(model.model.layers, steps)]
     try:
