@@ -51,13 +51,16 @@ def non_dominated(losses: np.ndarray) -> np.ndarray:
     return keep
 
 
-def completed(study: optuna.Study, names: Sequence[str]) -> list[FrozenTrial]:
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def completed(study: optuna.Study, names: Sequence[str],
+              states: tuple[TrialState, ...] = (TrialState.COMPLETE,)) -> list[FrozenTrial]:
+    """Trials in `states` (by default the fully scored ones) that record every objective in `names`."""
+    trials = study.get_trials(deepcopy=False, states=states)
     return [t for t in trials if all(n in t.user_attrs.get("objectives", {}) for n in names)]
 
 
-def pareto_archive(study: optuna.Study, names: Sequence[str], directions: Sequence[str]) -> list[ArchiveEntry]:
-    trials = completed(study, names)
+def pareto_archive(study: optuna.Study, names: Sequence[str], directions: Sequence[str],
+                   states: tuple[TrialState, ...] = (TrialState.COMPLETE,)) -> list[ArchiveEntry]:
+    trials = completed(study, names, states)
     if not trials:
         return []
     values = np.array([[t.user_attrs["objectives"][n] for n in names] for t in trials], dtype=float)

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import RunConfig
 from evomerge.search import held_out
-from evomerge.search.archive import (ArchiveEntry, completed, hypervolume, hypervolume_history, non_dominated,
-                                     pareto_archive, source_objectives, to_losses)
+from evomerge.search.archive import (ArchiveEntry, completed, hypervolume, hypervolume_history, pareto_archive,
+                                     source_objectives)
 from evomerge.search.attrs import ITEMS
 from evomerge.search.identity import settings
 
@@ -112,16 +111,8 @@ def archive_entries(config: RunConfig, study: optuna.Study, estimates: bool = Fa
     """The Pareto archive of the fully scored (COMPLETE) trials; with `estimates`, pruned trials
     (racing) compete with their estimated objectives too."""
     names, directions = _objectives(config)
-    if not estimates:
-        return pareto_archive(study, names, directions)
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-              if all(n in t.user_attrs.get("objectives", {}) for n in names)]
-    if not trials:
-        return []
-    values = np.array([[t.user_attrs["objectives"][n] for n in names] for t in trials], dtype=float)
-    keep = non_dominated(to_losses(values, directions))
-    return [ArchiveEntry(t.number, dict(t.user_attrs["objectives"]), json.loads(t.user_attrs.get("recipe", "{}")))
-            for t, kept in zip(trials, keep) if kept]
+    states = (TrialState.COMPLETE, TrialState.PRUNED) if estimates else (TrialState.COMPLETE,)
+    return pareto_archive(study, names, directions, states)
 
 
 def archive_json(entries: list[ArchiveEntry], study: optuna.Study | None = None) -> str:
