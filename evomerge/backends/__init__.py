@@ -46,6 +46,21 @@ class Backend(Protocol):
     def materialize(self, recipe: Recipe) -> Candidate: ...
 
 
+class NoProgressBars:
+    """Put first among the bases of an lm-eval model class: its request methods run without their
+    per-call progress bars (lm-eval passes `disable=` explicitly, so they cannot be silenced from
+    outside); one line per trial is evomerge's own output."""
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=True)
+
+
 def make_backend(config: RunConfig, refs: list[str], *, allow_pickle: bool = False,
                  trust_remote_code: bool = False) -> Backend:
     """The run's backend with its sources loaded (torch, transformers and the engine load here)."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from evomerge.backends import Candidate
+from evomerge.backends import Candidate, NoProgressBars
 from evomerge.fitness import candidate_costs
 from evomerge.merge.materialize import Materializer
 from evomerge.recipe import Recipe
@@ -57,18 +57,10 @@ def quiet_hflm(model: PreTrainedModel, tokenizer: Any, batch_size: int) -> Any:
 
 @functools.cache
 def _quiet_hflm_class() -> type:
-    """lm-eval's HF model class with its per-call progress bars off (it passes `disable=`
-    explicitly, so they cannot be silenced from outside)."""
+    """lm-eval's HF model class with its per-call progress bars off (NoProgressBars)."""
     from lm_eval.models.huggingface import HFLM
 
-    class QuietHFLM(HFLM):
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return super().generate_until(requests, disable_tqdm=True)
+    class QuietHFLM(NoProgressBars, HFLM):
+        pass
 
     return QuietHFLM

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from evomerge.backends import Candidate
+from evomerge.backends import Candidate, NoProgressBars
 from evomerge.backends.vllm_options import EngineOptions
 from evomerge.errors import EvomergeError
 from evomerge.layouts import build_model, decoder_layers, text_config
@@ -486,7 +486,7 @@ def live_vllm_class() -> type:
     from lm_eval.models.utils import configure_pad_token
     from vllm import SamplingParams, TokensPrompt
 
-    class LiveVLLM(lm_eval_vllm().VLLM):
+    class LiveVLLM(NoProgressBars, lm_eval_vllm().VLLM):
         """lm-eval 0.4.13's `VLLM` always starts its own engine from a path; this one takes the running
         engine and sets the attributes its request methods read. No response cache, no progress bars."""
 
@@ -511,16 +511,7 @@ def live_vllm_class() -> type:
             prompts = [TokensPrompt(prompt_token_ids=request) for request in requests]
             return self.model.generate(prompts, sampling_params=sampling_params, use_tqdm=False)
 
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
             return super()._loglikelihood_tokens(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return super().generate_until(requests, disable_tqdm=True)
 
     return LiveVLLM
