@@ -109,6 +109,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                            trust_remote_code=args.trust_remote_code))
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of trials, got {text!r}")
+    return int(text)
+
+
 def _trial_numbers(text: str) -> list[int]:
     try:
         return [int(n) for n in text.split(",") if n.strip()]
@@ -190,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "tasks or splits) and store the results in the study")
     evaluate.add_argument("--fitness", required=True, help="fitness spec YAML to score on (see evaluators/)")
     chosen = evaluate.add_mutually_exclusive_group()
-    chosen.add_argument("--top", type=int, default=3, help="the archive's K best trials by the scalarization (default 3)")
+    chosen.add_argument("--top", type=_positive, default=3,
+                        help="the K best trials: the Pareto front first, then by the scalarization (default 3)")
     chosen.add_argument("--trials", type=_trial_numbers, help="these trials instead: N,M,...")
     _add_loading_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)

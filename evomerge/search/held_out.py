@@ -31,7 +31,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.fitness import Evaluator, FitnessSpec
 from evomerge.recipe import Recipe
-from evomerge.search.archive import pareto_archive
+from evomerge.search.archive import completed, pareto_archive
 from evomerge.search.attrs import HELD_OUT, ITEM_RESULTS, ITEMS
 from evomerge.search.loop import source_recipe
 
@@ -64,7 +64,9 @@ def check_spec(spec: FitnessSpec) -> None:
 
 
 def choose_trials(config: RunConfig, study: optuna.Study, top: int | None, numbers: list[int] | None) -> list[FrozenTrial]:
-    """Trials `numbers` (any with a recipe), else the Pareto archive's `top` best by the scalarization."""
+    """Trials `numbers` (any with a recipe), else the `top` best: the Pareto front first, then the other
+    completed trials, each part by the scalarization (a one-objective front holds a single trial, so
+    `--top 3` would otherwise score one). A trial whose recipe repeats a chosen one's is skipped."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if numbers:
         missing = [n for n in numbers if n not in trials or "recipe" not in trials[n].user_attrs]
@@ -73,11 +75,19 @@ def choose_trials(config: RunConfig, study: optuna.Study, top: int | None, numbe
                                 f"numbered 0..{max(trials, default=-1)} (see evomerge archive {config.path})")
         return [trials[n] for n in numbers]
     fitness = config.fitness
-    entries = pareto_archive(study, [o.name for o in fitness.objectives], fitness.directions)
-    if not entries:
+    names = [o.name for o in fitness.objectives]
+    scored = completed(study, names)
+    if not scored:
         raise EvomergeError(f"study {config.study_name!r} has no completed trial to evaluate yet")
-    best = sorted(entries, key=lambda e: (-fitness.scalarize(e.values), e.number))[:top or 1]
-    return [trials[e.number] for e in best]
+    front = {e.number for e in pareto_archive(study, names, fitness.directions)}
+    ranked = sorted(scored, key=lambda t: (t.number not in front, -fitness.scalarize(t.user_attrs["objectives"]),
+                                           t.number))
+    chosen: dict[str, FrozenTrial] = {}
+    for trial in ranked:
+        chosen.setdefault(trial.user_attrs.get("recipe", str(trial.number)), trial)
+        if len(chosen) == (top or 1):
+            break
+    return list(chosen.values())
 
 
 def stored(study: optuna.Study) -> dict[str, dict[str | int, Any]]:
