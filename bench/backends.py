@@ -114,7 +114,8 @@ def serve(backend: str, size: dict, padded: bool) -> None:
     `BENCH {json}` lines on stdout (vLLM logs there too)."""
     from lm_eval.evaluator import evaluate
 
-    from evomerge.evaluate import flatten_results, load_tasks, quiet
+    from evomerge.backends.candidate import quiet
+    from evomerge.fitness.harness import flatten_results, load_tasks
     from evomerge.recipe import Recipe
 
     _, tasks = load_tasks(size["tasks"], Path(size["include"]))
@@ -134,7 +135,7 @@ def serve(backend: str, size: dict, padded: bool) -> None:
 
 
 def hf_backend(size: dict):
-    """The HF backend as `evomerge run --backend hf` builds it (evomerge.backends.make_backend)."""
+    """The HF backend as `evomerge run --backend hf` builds it (evomerge.backends.build.make_backend)."""
     from evomerge.backends.hf import HfBackend
     from evomerge.merge.materialize import Materializer
 

@@ -5,7 +5,7 @@
    space, search_spaces/ps_ties_dare.yaml): uniformly random genomes, then "late-search
    neighbours", small Gaussian steps around the best random one (where a search spends its
    last evaluations and ranks are hardest). Scored the way a trial is (Materializer in place +
-   lm-eval's HF model, one run per split, per-item results from evomerge.item_results);
+   lm-eval's HF model, one run per split, per-item results from evomerge.fitness.items);
    cached as plain JSON in bench/out/fitness_cost/matrix.json, so reruns only replay.
 2. Replay, for N items per candidate x seeds, on held-out candidates (odd-numbered random
    ones + every neighbour; the IRT model is fitted on the sources + even-numbered random
@@ -16,7 +16,7 @@
    mean over the 600 items (the demo's scalarization, rev+srt+cae, is 3x it); in points.
 3. Racing replay: the held-out candidates in search order (odd random ones, then the
    neighbours), each raced in its seeded order in chunks of 20 against the best fully scored
-   one so far (evomerge.racing, Wilcoxon p < 0.1, >= 20 items), on the whole split or on a
+   one so far (evomerge.fitness.racing, Wilcoxon p < 0.1, >= 20 items), on the whole split or on a
    stratified subset: items per candidate, share pruned, regret and test delta of the winner.
 
     python bench/fitness_cost.py [--part replay|search|all] [--random 100] [--neighbours 50] [--seeds 20]
@@ -57,14 +57,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from evomerge.backends.hf import as_candidate
-from evomerge.evaluate import LmEvalEvaluator
-from evomerge.fitness import FitnessSpec
-from evomerge.irt import IrtEstimator, answer_matrix, fit_estimator
-from evomerge.item_results import ItemResults, item_positions
+from evomerge.fitness.harness import LmEvalEvaluator
+from evomerge.fitness.irt import IrtEstimator, answer_matrix, fit_estimator
+from evomerge.fitness.items import ItemResults, item_positions
+from evomerge.fitness.racing import chunks, partial_mean, race_order, should_prune
+from evomerge.fitness.spec import FitnessSpec, SubsetSpec
+from evomerge.fitness.subset import choose_items
 from evomerge.merge.materialize import Materializer
-from evomerge.racing import chunks, partial_mean, race_order, should_prune
-from evomerge.search.genome import Genome, SearchSpace
-from evomerge.subset import SubsetSpec, choose_items
+from evomerge.search.genome import Genome
+from evomerge.search_space import SearchSpace
 from evomerge.yamlio import load_yaml_mapping
 
 hf_logging.disable_progress_bar()

@@ -42,8 +42,9 @@ from _families import FamilySpec, ensure_family  # noqa: E402
 
 from evomerge.merge.materialize import Materializer  # noqa: E402
 from evomerge.recipe import MERGED, Recipe, layer_prefix  # noqa: E402
-from evomerge.routing import running_scales, routed_config  # noqa: E402
-from evomerge.search.genome import Genome, SearchSpace  # noqa: E402
+from evomerge.routing import routed_config, running_scales  # noqa: E402
+from evomerge.search.genome import Genome
+from evomerge.search_space import SearchSpace  # noqa: E402
 
 FOLDED = ("self_attn.o_proj.", "mlp.down_proj.")
 PROMPT = torch.tensor([[1, 5, 9, 12, 7, 3, 20, 2]])

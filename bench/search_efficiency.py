@@ -23,10 +23,10 @@ import yaml
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
-from evomerge.config import load_config
 from evomerge.backends.hf import as_candidate
-from evomerge.evaluate import build_evaluator
-from evomerge.fitness import FitnessSpec
+from evomerge.config import load_config
+from evomerge.fitness.evaluators import build_evaluator
+from evomerge.fitness.spec import FitnessSpec
 from evomerge.search.loop import Search
 from transformers.utils import logging as hf_logging
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _families import FamilySpec, ensure_family  # noqa: E402
 
 from evomerge.config import load_config  # noqa: E402
-from evomerge.evaluate import quiet  # noqa: E402
+from evomerge.backends.candidate import quiet  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.search.loop import Search  # noqa: E402
 from evomerge.zoo import ZOO_DIR, build_tokenizer  # noqa: E402

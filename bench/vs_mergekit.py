@@ -70,8 +70,9 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from evomerge.merge import get_method, merge_tensor
 from evomerge.merge.materialize import Materializer
+from evomerge.merge.methods import get_method
+from evomerge.merge.registry import merge_tensor
 from evomerge.merge.rng import TensorRNG
 from evomerge.mergekit_yaml import mergekit_yaml
 from evomerge.recipe import Recipe, Source, group_of, n_groups

@@ -97,7 +97,7 @@ def cmd_archive(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from evomerge.fitness import FitnessSpec
+    from evomerge.fitness.spec import FitnessSpec
     from evomerge.search.held_out import evaluate_command
 
     config = _config(args)

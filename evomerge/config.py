@@ -25,9 +25,9 @@ from typing import Any
 
 from evomerge.backends.vllm_options import EngineOptions
 from evomerge.errors import EvomergeError
-from evomerge.fitness import FitnessSpec
+from evomerge.fitness.spec import FitnessSpec
 from evomerge.routing_layouts import check_routable
-from evomerge.search.genome import SearchSpace
+from evomerge.search_space import SearchSpace
 from evomerge.yamlio import check_keys, load_yaml_mapping
 
 SAMPLERS = {

@@ -23,9 +23,9 @@ from optuna.trial import FrozenTrial
 
 from evomerge.config import RunConfig, load_config
 from evomerge.errors import EvomergeError
-from evomerge.evaluate import build_evaluator
 from evomerge.export import save_checkpoint
-from evomerge.fitness import Evaluator, FitnessSpec
+from evomerge.fitness.evaluators import Evaluator, build_evaluator
+from evomerge.fitness.spec import FitnessSpec
 from evomerge.recipe import Recipe
 from evomerge.search.archive import ArchiveEntry
 from evomerge.search.attrs import SOURCES

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.merge import get_method
+from evomerge.merge.methods import get_method
 from evomerge.recipe import Recipe, Route, n_groups
 
 

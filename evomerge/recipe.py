@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 
 from evomerge.errors import EvomergeError
-from evomerge.merge import get_method
+from evomerge.merge.methods import get_method
 from evomerge.yamlio import check_keys, load_yaml_mapping
 
 DTYPES = ("bfloat16", "float16", "float32")

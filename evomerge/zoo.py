@@ -28,7 +28,6 @@ import random
 import shutil
 import string
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -37,19 +36,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from evomerge.fitness import ZOO_SKILLS
+from evomerge.fitness.zoo_skills import (ALPHABET, EVAL_LENGTHS, EVAL_SEED, SKILLS, SPLIT_SEEDS, draw_index, encode,
+                                         exact_match, example, make_examples, random_word, split_examples)
 
-SKILLS: tuple[str, ...] = ZOO_SKILLS
-TASKS: tuple[str, ...] = SKILLS + ("cpy",)  # "cpy" only teaches the base to read and copy
 ZOO_DIR = Path(__file__).parent / "zoo_models"
 ZOO_MODELS = ("base", "expert_rev", "expert_srt", "expert_cae")
 
-ALPHABET = string.ascii_lowercase
-EVAL_SEED = 20_240_601  # seed for held-out splits; training streams use TRAIN_SEED + stage
 TRAIN_SEED = 0
 INIT_SEED = 0
-EVAL_LENGTHS = (3, 8)  # (min, max) letters of the skill inputs in evaluation splits
-HELD_OUT_MOD = 8  # words with crc32 % HELD_OUT_MOD == 0 are never trained on
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 VOCAB = (*SPECIAL_TOKENS.values(), *ALPHABET, *string.digits, ":", "=", " ")
@@ -67,80 +61,6 @@ BASE_MIXTURE: Mixture = [(s, *BASE_SKILL_LENGTHS) for s in SKILLS] + [("cpy", *C
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _index(rng: random.Random, n: int) -> int:
-    """Uniform int in [0, n) from ``rng.random()`` alone: the one Random method whose
-    sequence Python guarantees across versions, so splits are identical everywhere."""
-    return int(rng.random() * n)
-
-
-def _is_held_out(word: str) -> bool:
-    """A fixed 1/HELD_OUT_MOD slice of all words, reserved for evaluation, so held-out
-    prompts are genuinely unseen (short words would otherwise recur in training)."""
-    return zlib.crc32(word.encode()) % HELD_OUT_MOD == 0
-
-
-def _word(rng: random.Random, min_len: int, max_len: int, held_out: bool) -> str:
-    """A random word of uniform length, rejection-sampled into the requested slice."""
-    length = min_len + _index(rng, max_len - min_len + 1)
-    while True:
-        word = "".join(ALPHABET[_index(rng, len(ALPHABET))] for _ in range(length))
-        if _is_held_out(word) == held_out:
-            return word
-
-
-def _solve(task: str, word: str) -> str:
-    """The answer of ``task`` on ``word``."""
-    if task == "rev":
-        return word[::-1]
-    if task == "srt":
-        return "".join(sorted(word))
-    if task == "cae":
-        return "".join(ALPHABET[(ALPHABET.index(c) + 1) % len(ALPHABET)] for c in word)
-    if task == "cpy":
-        return word
-    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-
-
-def _example(task: str, word: str) -> tuple[str, str]:
-    return f"{task}:{word}=", _solve(task, word)
-
-
-def make_examples(
-    skill: str, n: int, seed: int, min_len: int = 3, max_len: int = 8
-) -> list[tuple[str, str]]:
-    """``n`` held-out (prompt, answer) pairs, e.g. ``("rev:abc=", "cba")``.
-
-    Words come from the slice the zoo never trains on, and the list depends only on the
-    arguments (not on global RNG state or the machine), so evaluation splits are stable.
-    """
-    if skill not in TASKS:
-        raise ValueError(f"unknown skill {skill!r}; expected one of {', '.join(TASKS)}")
-    if not 1 <= min_len <= max_len:
-        raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
-    rng = random.Random(seed)
-    return [_example(skill, _word(rng, min_len, max_len, held_out=True)) for _ in range(n)]
-
-
-SPLIT_SEEDS = {"search": EVAL_SEED, "test": EVAL_SEED + 1}
-SPLIT_SIZE = 200  # prompts per skill and split: one standard error on a 600-prompt mean is ~1.8 points
-
-
-def split_examples(skill: str, split: str, n: int = SPLIT_SIZE) -> list[tuple[str, str]]:
-    """The first ``n`` examples of a skill's ``search`` or ``test`` split.
-
-    The test split never repeats a prompt of the (full-size) search split, so scores on it
-    measure generalisation, not recall of what the search optimised for.
-    """
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_SEEDS)}")
-    seed = SPLIT_SEEDS[split] + 17 * TASKS.index(skill)
-    if split == "search":
-        return make_examples(skill, n, seed, *EVAL_LENGTHS)
-    taken = {p for p, _ in split_examples(skill, "search", max(n, SPLIT_SIZE))}
-    fresh = (ex for ex in make_examples(skill, 4 * n, seed, *EVAL_LENGTHS) if ex[0] not in taken)
-    return [next(fresh) for _ in range(n)]
 
 
 def write_task_data(out_dir: Path) -> list[Path]:
@@ -163,8 +83,8 @@ def _sample_batch(mixture: Mixture, rng: random.Random, size: int) -> list[tuple
     """One training batch drawn from the non-held-out slice."""
     batch = []
     for _ in range(size):
-        task, lo, hi = mixture[_index(rng, len(mixture))]
-        batch.append(_example(task, _word(rng, lo, hi, held_out=False)))
+        task, lo, hi = mixture[draw_index(rng, len(mixture))]
+        batch.append(example(task, random_word(rng, lo, hi, held_out=False)))
     return batch
 
 
@@ -219,28 +139,6 @@ def _init_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
         return LlamaForCausalLM(_config(tokenizer))
 
 
-def _encode(
-    tokenizer: PreTrainedTokenizerFast, examples: Sequence[tuple[str, str]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``prompt + answer + eos`` ids, attention mask, and answer mask.
-
-    The answer mask marks the answer and eos tokens: the only positions that are trained
-    on and that exact match checks.
-    """
-    prompts = tokenizer([p for p, _ in examples], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([a for _, a in examples], add_special_tokens=False)["input_ids"]
-    rows = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    answer = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (row, prompt) in enumerate(zip(rows, prompts)):
-        ids[i, : len(row)] = torch.tensor(row)
-        attention[i, : len(row)] = 1
-        answer[i, len(prompt) : len(row)] = True
-    return ids, attention, answer
-
-
 def _answer_loss(model: PreTrainedModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Mean next-token cross-entropy over answer tokens only: the prompt is random letters,
     so fitting it would only waste capacity."""
@@ -251,33 +149,6 @@ def _answer_loss(model: PreTrainedModel, batch: tuple[torch.Tensor, ...]) -> tor
     )
     targets = answer[:, 1:]
     return (losses * targets).sum() / targets.sum()
-
-
-@torch.inference_mode()
-def exact_match(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerFast,
-    examples: list[tuple[str, str]],
-    batch_size: int = 256,
-) -> float:
-    """Fraction of examples whose greedy continuation is exactly ``answer + eos``.
-
-    Greedy decoding emits the answer iff the argmax is right at every answer position given
-    the correct prefix, so one teacher-forced forward pass per batch gives the same result
-    as ``generate`` at a fraction of the cost.
-    """
-    if not examples:
-        raise ValueError("exact_match needs at least one example")
-    device = model.device
-    hits = 0
-    for start in range(0, len(examples), batch_size):
-        ids, attention, answer = (
-            t.to(device) for t in _encode(tokenizer, examples[start : start + batch_size])
-        )
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-        correct = (logits.argmax(-1) == ids[:, 1:]) | ~answer[:, 1:]
-        hits += int(correct.all(dim=1).sum())
-    return hits / len(examples)
 
 
 # ----------------------------------------------------------------------------- training
@@ -311,7 +182,7 @@ def _train(
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        loss = _answer_loss(model, _encode(tokenizer, _sample_batch(mixture, rng, BATCH_SIZE)))
+        loss = _answer_loss(model, encode(tokenizer, _sample_batch(mixture, rng, BATCH_SIZE)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

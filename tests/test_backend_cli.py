@@ -137,7 +137,7 @@ def test_a_bad_backend_is_refused_in_one_line_naming_the_key(tmp_path, zoo, back
 def test_the_engine_is_as_deep_as_the_longest_route_the_search_space_decodes(tmp_path, zoo):
     """No max_path_length: 2 x the zoo's 4 layers for dfs_demo (its own is null), the sources' depth for a
     parameter-space search; one below the space's longest route is refused before any engine starts."""
-    from evomerge.backends import engine_options
+    from evomerge.backends.build import engine_options
     from evomerge.config import load_config
     from evomerge.errors import EvomergeError
     from reliability.harness import write_config

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge import merge_tensor, tensor_generator
-from evomerge.merge.registry import chunk_elements
+from evomerge.merge.registry import chunk_elements, merge_tensor
+from evomerge.merge.rng import tensor_generator
 
 N = 3 * chunk_elements(torch.device("cpu")) + 123
 

@@ -17,12 +17,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.backends.hf import HfBackend, as_candidate
 from evomerge.errors import EvomergeError
-from evomerge.evaluate import LmEvalEvaluator, build_evaluator, flatten_results
 from evomerge.export import save_checkpoint
-from evomerge.fitness import FitnessSpec
+from evomerge.fitness.evaluators import build_evaluator
+from evomerge.fitness.harness import LmEvalEvaluator, flatten_results
+from evomerge.fitness.spec import FitnessSpec
+from evomerge.fitness.zoo_skills import SKILLS, exact_match, split_examples
 from evomerge.merge.materialize import Materializer
 from evomerge.recipe import Recipe
-from evomerge.zoo import SKILLS, exact_match, split_examples, write_task_data
+from evomerge.zoo import write_task_data
 
 ZOO = Path("evomerge/zoo_models")
 TASKS = Path("evaluators/tasks")

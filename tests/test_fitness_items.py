@@ -9,7 +9,7 @@ import yaml
 
 from evomerge.config import load_config
 from evomerge.errors import EvomergeError
-from evomerge.fitness import FitnessSpec
+from evomerge.fitness.spec import FitnessSpec
 from reliability.harness import write_config
 
 BASE = {"kind": "lm_eval", "tasks": ["zoo_target"], "objectives": [{"name": "t", "metric": "zoo_target/acc"}]}

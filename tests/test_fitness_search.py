@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 
 from evomerge.config import load_config
 from evomerge.errors import EvomergeError
-from evomerge.irt import IrtEstimator
-from evomerge.item_results import ItemResults, parse_ranges
-from evomerge.search.attrs import ESTIMATE, HELD_OUT, IRT, IRT_ROWS, ITEM_RESULTS, ITEMS, MEASURED, STUDY_ITEMS
+from evomerge.fitness.irt import IrtEstimator
+from evomerge.fitness.items import ItemResults, parse_ranges
+from evomerge.search.attrs import ESTIMATE, HELD_OUT, IRT, IRT_ROWS, ITEMS, ITEM_RESULTS, MEASURED, STUDY_ITEMS
 from evomerge.search.cma_sampler import _slot_outcome
 from evomerge.search.loop import Search
 from evomerge.search.scoring import make_scoring

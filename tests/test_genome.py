@@ -9,7 +9,8 @@ import pytest
 
 from evomerge.errors import EvomergeError
 from evomerge.recipe import MERGED, Recipe, Route, Step
-from evomerge.search.genome import Genome, SearchSpace
+from evomerge.search.genome import Genome
+from evomerge.search_space import SearchSpace
 
 ROUTE_SPACES = [Path("search_spaces/dfs_routing.yaml"), Path("search_spaces/ps_dfs.yaml")]
 SPACES = [p for p in sorted(Path("search_spaces").glob("ps_*.yaml")) if p not in ROUTE_SPACES]  # genes <-> recipe exactly

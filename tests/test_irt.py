@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr
 
-from evomerge.irt import (Irt2PL, IrtEstimator, Prior, anchors, answer_matrix, fit_2pl, fit_estimator, gp_irt, gp_lambda,
-                          naive_variance)
-from evomerge.item_results import ItemResults, aggregate_scores
+from evomerge.fitness.harness import aggregate_scores
+from evomerge.fitness.irt import (Irt2PL, IrtEstimator, Prior, anchors, answer_matrix, fit_2pl, fit_estimator, gp_irt,
+                                  gp_lambda, naive_variance)
+from evomerge.fitness.items import ItemResults
 
 
 def simulate(n_subjects: int, n_items: int, n_dims: int = 1, seed: int = 0):
@@ -202,7 +203,7 @@ def test_anchored_estimates_beat_their_own_weighted_mean_on_held_out_subjects(th
 def test_estimates_aggregate_into_the_groups_scores(three_tasks):
     from pathlib import Path
 
-    from evomerge.evaluate import load_tasks
+    from evomerge.fitness.harness import load_tasks
 
     rows, sizes = three_tasks
     _, task_dict = load_tasks(["zoo_target"], Path("evaluators/tasks"))

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.errors import EvomergeError
 from evomerge.backends.hf import quiet_hflm
-from evomerge.evaluate import load_tasks
-from evomerge.item_results import ItemResults, by_task, evaluate_items, scores_from_items, task_sizes
-from evomerge.zoo import SKILLS, exact_match, split_examples
+from evomerge.errors import EvomergeError
+from evomerge.fitness.harness import evaluate_items, load_tasks, scores_from_items, task_sizes
+from evomerge.fitness.items import ItemResults, by_task
+from evomerge.fitness.zoo_skills import SKILLS, exact_match, split_examples
 
 ZOO = Path("evomerge/zoo_models")
 

@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge import METHODS, merge_tensor, tensor_generator
+from evomerge.merge.methods import METHODS
+from evomerge.merge.registry import merge_tensor
+from evomerge.merge.rng import tensor_generator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SQRT3_2 = math.sqrt(3.0) / 2.0

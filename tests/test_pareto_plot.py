@@ -15,7 +15,7 @@ from optuna.trial import TrialState, create_trial
 from PIL import Image
 
 from evomerge.config import load_config
-from evomerge.fitness import FitnessSpec
+from evomerge.fitness.spec import FitnessSpec
 from evomerge.search.archive import hypervolume_history, source_objectives
 from evomerge.search.attrs import SOURCES as SOURCES_ATTR
 from evomerge.search.report import archive_entries, archive_figure, plot_archive

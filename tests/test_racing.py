@@ -12,10 +12,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from evomerge.evaluate import load_tasks
-from evomerge.item_results import ItemResults, by_task, item_positions
-from evomerge.racing import (ITEM_RESULTS, chunks, item_values, item_weights, partial_mean, race_order, race_reference,
-                             should_prune)
+from evomerge.fitness.harness import load_tasks
+from evomerge.fitness.items import ItemResults, by_task, item_positions
+from evomerge.fitness.racing import chunks, item_values, item_weights, partial_mean, race_order, should_prune
+from evomerge.search.attrs import ITEM_RESULTS
+from evomerge.search.scoring import race_reference
 
 SIZES = {"zoo_rev": 200, "zoo_srt": 200, "zoo_cae": 200}
 ITEMS = [(t, i) for t, n in SIZES.items() for i in range(n)]

@@ -11,9 +11,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
+from evomerge.backends.candidate import candidate_costs
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
-from evomerge.fitness import COST_METRICS, candidate_costs
+from evomerge.fitness.spec import COST_METRICS
 from evomerge.merge.materialize import Materializer
 from evomerge.mergekit_yaml import mergekit_yaml
 from evomerge.recipe import MERGED, Recipe, Route, Step

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluate import load_tasks
-from evomerge.subset import SubsetSpec, allocate, choose_items, stratified_sample, task_docs
+from evomerge.fitness.harness import load_tasks
+from evomerge.fitness.spec import SubsetSpec
+from evomerge.fitness.subset import allocate, choose_items, stratified_sample, task_docs
 
 
 def docs(n: int, levels: dict[str, int] | None = None) -> list[dict]:

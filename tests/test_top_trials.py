@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from evomerge.errors import EvomergeError
-from evomerge.fitness import FitnessSpec
+from evomerge.fitness.spec import FitnessSpec
 from evomerge.search.held_out import choose_trials
 
 

@@ -19,7 +19,7 @@ import pytest
 from evomerge.backends.vllm import GiB, MemoryPlan, VllmBackend, engine_numel, plan_memory
 from evomerge.backends.vllm_options import EngineOptions
 from evomerge.errors import EvomergeError
-from evomerge.evaluate import flatten_results, load_tasks
+from evomerge.fitness.harness import flatten_results, load_tasks
 from evomerge.recipe import Recipe
 from reliability.harness import need_backend
 
@@ -146,7 +146,7 @@ def test_exported_checkpoint_in_a_fresh_engine_scores_what_the_live_engine_score
         "import json, sys; from pathlib import Path\n"
         "from lm_eval.evaluator import evaluate\n"
         "from evomerge.backends.vllm import import_vllm, lm_eval_vllm\n"
-        "from evomerge.evaluate import flatten_results, load_tasks\n"
+        "from evomerge.fitness.harness import flatten_results, load_tasks\n"
         "import_vllm()\n"
         f"lm = lm_eval_vllm().VLLM(pretrained=sys.argv[1], dtype='float32', max_model_len=64, enforce_eager=True,"
         f" kv_cache_memory_bytes={GiB}, batch_size=64)\n"

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from evomerge.backends import Candidate, NoProgressBars
-from evomerge.fitness import candidate_costs
+from evomerge.backends.candidate import Candidate, NoProgressBars, candidate_costs
 from evomerge.merge.materialize import Materializer
 from evomerge.recipe import Recipe
 
@@ -49,7 +48,7 @@ def as_candidate(model: PreTrainedModel, tokenizer: Any, batch_size: int = 32) -
 
 def quiet_hflm(model: PreTrainedModel, tokenizer: Any, batch_size: int) -> Any:
     """lm-eval's HF model class around a live model (see `_quiet_hflm_class`)."""
-    from evomerge.evaluate import quiet
+    from evomerge.backends.candidate import quiet
 
     with quiet():  # it warns that a live model object skips its loading options: intended
         return _quiet_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from evomerge.backends import Candidate, NoProgressBars
+from evomerge.backends.candidate import Candidate, NoProgressBars
 from evomerge.backends.vllm_options import EngineOptions
 from evomerge.errors import EvomergeError
 from evomerge.layouts import build_model, decoder_layers, text_config
@@ -343,7 +343,7 @@ class VllmBackend:
         return self._zeros[name]
 
     def costs(self, recipe: Recipe) -> dict[str, float]:
-        """evomerge.fitness.candidate_costs of the HF backend's candidate for this recipe, without building it:
+        """evomerge.backends.candidate.candidate_costs of the HF backend's candidate for this recipe, without building it:
         parameters counted once per distinct tensor (a layer used twice counts once, but a scaled
         position's branch outputs are its own copies), path length = route length."""
         layout = self.layout

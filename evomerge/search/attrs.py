@@ -13,7 +13,7 @@ Study user attrs (set when the study is created):
   STUDY_ITEMS   lm_eval fitness: {"digest": {task: sha256 of its documents}, "subset": {task: ids
                 as ranges}}: the items every candidate sees, chosen once (evomerge.search.scoring)
   IRT           estimator irt: {"rows": fully scored rows it was fitted on, "estimator": the fitted
-                item parameters and anchors as plain numbers (evomerge.irt.IrtEstimator.to_json)}
+                item parameters and anchors as plain numbers (evomerge.fitness.irt.IrtEstimator.to_json)}
   HELD_OUT + N  {spec name: {"fingerprint", "scores", "objectives", "items", "item_results"}}: trial
                 N scored by `evomerge evaluate` on another fitness spec (Optuna refuses writes to a
                 finished trial, so they live here); HELD_OUT + "sources" the same for the sources
@@ -22,7 +22,7 @@ Trial user attrs (see evomerge.search.loop): objectives, scores, timings, recipe
 copy_of, error, and FAILURE = CANDIDATE_FAILURE on a trial whose candidate itself failed.
 lm_eval fitness (evomerge.search.scoring): ITEMS (items this trial evaluated itself: 0 for a
 copy; a retry's carried items are its killed attempt's), ITEM_RESULTS (every item its scores
-rest on, evomerge.item_results' JSON); with an estimator MEASURED (lm-eval's scores on those
+rest on, evomerge.fitness.items' JSON); with an estimator MEASURED (lm-eval's scores on those
 items; `scores` are then the estimates) and IRT_ROWS (the fit it used); a PRUNED trial (racing)
 has ESTIMATE, the value CMA-ES is told for it (its `value` is Optuna's and meaningless).
 

@@ -162,7 +162,7 @@ _UNDECIDED = object()
 
 def _slot_outcome(trials: list[FrozenTrial], sign: float) -> float | None | object:
     """A slot's value (minimization sign), None for a failed slot, or _UNDECIDED. A PRUNED trial
-    (racing) gives its `estimate` (evomerge.racing: a pruned member is worse than the best so
+    (racing) gives its `estimate` (evomerge.fitness.racing: a pruned member is worse than the best so
     far, not necessarily than its generation, and CMA-ES ranks the whole generation), a value
     never read from Optuna's `value`, which for a pruned trial is meaningless."""
     for t in trials:  # sorted by number: lowest COMPLETE or estimated PRUNED wins

@@ -29,14 +29,15 @@ from optuna.trial import FrozenTrial
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.fitness import Evaluator, FitnessSpec
+from evomerge.fitness.evaluators import Evaluator
+from evomerge.fitness.spec import FitnessSpec
 from evomerge.recipe import Recipe
 from evomerge.search.archive import completed, pareto_archive
-from evomerge.search.attrs import HELD_OUT, ITEM_RESULTS, ITEMS
+from evomerge.search.attrs import HELD_OUT, ITEMS, ITEM_RESULTS
 from evomerge.search.loop import source_recipe
 
 if TYPE_CHECKING:
-    from evomerge.backends import Backend, Candidate
+    from evomerge.backends.candidate import Backend, Candidate
 
 SOURCES_KEY = "sources"
 
@@ -156,8 +157,8 @@ def table(held_out: HeldOut) -> str:
 def evaluate_command(config: RunConfig, study: optuna.Study, spec: FitnessSpec, top: int | None,
                      numbers: list[int] | None, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> str:
     """`evomerge evaluate`: load the sources once, score, store, and return the table to print."""
-    from evomerge.backends import make_backend  # torch, transformers, lm-eval
-    from evomerge.evaluate import build_evaluator
+    from evomerge.backends.build import make_backend  # torch, transformers, lm-eval
+    from evomerge.fitness.evaluators import build_evaluator
     from evomerge.refs import resolve_path
 
     check_spec(spec)

@@ -23,9 +23,9 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge import faults
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.refs import local_dir, resolve_path
 from evomerge.recipe import Recipe, Source
-from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, ITEM_RESULTS, ITEMS, SAMPLED, SOURCES
+from evomerge.refs import local_dir, resolve_path
+from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, ITEMS, ITEM_RESULTS, SAMPLED, SOURCES
 from evomerge.search.genome import Genome
 from evomerge.search.identity import check_layers, create_study, find_study
 from evomerge.search.samplers import make_sampler
@@ -66,8 +66,8 @@ class Search:
         existing = find_study(config, db, to_run=True) if db else None
         sqlite_lock = sqlite_worker_lock(config.storage, config.study_name)  # a second SQLite worker: refused now
         start = time.perf_counter()
-        from evomerge.backends import make_backend  # torch, transformers, lm-eval
-        from evomerge.evaluate import build_evaluator
+        from evomerge.backends.build import make_backend  # torch, transformers, lm-eval
+        from evomerge.fitness.evaluators import build_evaluator
 
         self.evaluator = build_evaluator(config.fitness, resolve_path(refs[0], allow_pickle=allow_pickle))
         self.backend = make_backend(config, refs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

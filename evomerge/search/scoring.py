@@ -1,7 +1,7 @@
 """How a trial is evaluated item by item (lm_eval fitness): which items, racing, IRT estimates.
 
 Every trial of an lm_eval study stores what each item it evaluated gave (user attrs `items`
-and `item_results`, evomerge.item_results' plain JSON), so estimators and later analyses can
+and `item_results`, evomerge.fitness.items' plain JSON), so estimators and later analyses can
 use them.
 
 Which items: fixed once per study, before its first trial, and stored in it (STUDY_ITEMS: the
@@ -12,7 +12,7 @@ stored item ids would then name other items.
 
 How, per trial (`ItemScoring.evaluate`):
 - the items are evaluated in one chunk, or with `racing` in chunks of a per-trial shuffled
-  order against the best fully scored trial so far (evomerge.racing), stopping a candidate
+  order against the best fully scored trial so far (evomerge.fitness.racing), stopping a candidate
   that is clearly worse: it is told PRUNED, with its partial results and an `estimate`;
 - the results so far are stored after every chunk: a retry of a trial killed mid-evaluation
   carries its killed attempt's results, evaluates only the rest, and (with racing) decides
@@ -25,7 +25,7 @@ How, per trial (`ItemScoring.evaluate`):
   answers seen (anchors, a subset, a pruned race); lm-eval's scores on those items are kept
   as `measured`.
 
-The IRT fit (evomerge.irt): on the sources (scored on the whole split when the study starts)
+The IRT fit (evomerge.fitness.irt): on the sources (scored on the whole split when the study starts)
 and every fully scored trial (a race on the whole split that ran to its end; copies excluded),
 first before the first trial, then again whenever `refit_every` more such rows exist, stored
 as plain numbers (IRT) before the trial that triggered it evaluates: a trial's fit is a
@@ -51,19 +51,19 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge import faults
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.fitness import COST_METRICS, Evaluator, FitnessSpec
-from evomerge.irt import EstimatorSpec, IrtEstimator, answer_matrix, fit_estimator
-from evomerge.item_results import (Item, ItemResults, aggregate_scores, item_positions, parse_ranges, ranges,
-                                   scores_from_items, task_sizes)
-from evomerge.racing import (RacingSpec, item_values, item_weights, paired_estimate, race, race_order, race_reference,
-                             should_prune)
-from evomerge.search.attrs import (ESTIMATE, IRT, IRT_ROWS, ITEM_RESULTS, ITEMS, MEASURED, RETRY_HISTORY, SOURCES,
+from evomerge.fitness.evaluators import Evaluator
+from evomerge.fitness.harness import aggregate_scores, scores_from_items, task_sizes
+from evomerge.fitness.irt import IrtEstimator, answer_matrix, fit_estimator
+from evomerge.fitness.items import Item, ItemResults, item_positions, parse_ranges, ranges
+from evomerge.fitness.racing import item_values, item_weights, paired_estimate, race, race_order, should_prune
+from evomerge.fitness.spec import COST_METRICS, EstimatorSpec, FitnessSpec, RacingSpec
+from evomerge.search.attrs import (ESTIMATE, IRT, IRT_ROWS, ITEMS, ITEM_RESULTS, MEASURED, RETRY_HISTORY, SOURCES,
                                    STUDY_ITEMS)
 from evomerge.search.storage import Database
 
-if TYPE_CHECKING:  # importing evaluate loads torch
-    from evomerge.backends import Candidate
-    from evomerge.evaluate import LmEvalEvaluator
+if TYPE_CHECKING:
+    from evomerge.backends.candidate import Candidate
+    from evomerge.fitness.harness import LmEvalEvaluator
 
 
 @dataclass
@@ -317,6 +317,14 @@ class ItemScoring:
                 full = results is not None and results.n_items == total and "copy_of" not in t.user_attrs
                 self._full_rows[t.number] = results if full else None
         return rows + [r for _, r in sorted(self._full_rows.items()) if r is not None]
+
+
+def race_reference(study: optuna.Study) -> FrozenTrial | None:
+    """The trial a race compares with, or None: the best fully scored one, i.e.
+    the COMPLETE trial with item results and the highest told value (the scalarization), the
+    earliest among equals. Pruned trials are PRUNED, never this."""
+    scored = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if ITEM_RESULTS in t.user_attrs]
+    return max(scored, key=lambda t: (t.value, -t.number), default=None)
 
 
 def _store(trial: optuna.Trial, results: ItemResults, evaluated: int) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 from optuna.trial import TrialState
 
-from evomerge.item_results import ItemResults
-from evomerge.search.attrs import ITEM_RESULTS, ITEMS, RETRY_HISTORY, STUDY_ITEMS
+from evomerge.fitness.items import ItemResults
+from evomerge.search.attrs import ITEMS, ITEM_RESULTS, RETRY_HISTORY, STUDY_ITEMS
 from reliability.harness import evaluated_twice, kill_in_phase, run_cli, trials_of, write_config
 
 REPO = Path(__file__).resolve().parents[2]

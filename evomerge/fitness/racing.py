@@ -53,65 +53,11 @@ the items drawn so far may be easy or hard for every candidate).
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from evomerge.errors import EvomergeError
-from evomerge.item_results import Item, ItemResults, by_task
-from evomerge.search.attrs import ITEM_RESULTS
-from evomerge.yamlio import check_keys
-
-if TYPE_CHECKING:
-    import optuna
-    from optuna.trial import FrozenTrial
-
-PRUNERS = ("wilcoxon",)
-
-
-@dataclass(frozen=True)
-class RacingSpec:
-    """`racing:` of a fitness spec (every key optional; the defaults are WilcoxonPruner's own
-    p_threshold and a chunk as large as the smallest sample it decides on)."""
-
-    pruner: str = "wilcoxon"
-    p_threshold: float = 0.1
-    min_items: int = 20
-    chunk: int = 20
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "fitness spec") -> "RacingSpec":
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise EvomergeError(f"{where}: racing must be {{pruner: wilcoxon, p_threshold: P, min_items: N, chunk: N}}, "
-                                f"got {data!r}")
-        check_keys(data, {"pruner", "p_threshold", "min_items", "chunk"}, f"{where}: racing")
-        spec = cls(**data)
-        if spec.pruner not in PRUNERS:
-            raise EvomergeError(f"{where}: racing.pruner must be one of {list(PRUNERS)}, got {spec.pruner!r}")
-        p = spec.p_threshold
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p < 1:
-            raise EvomergeError(f"{where}: racing.p_threshold must be a number between 0 and 1, got {p!r}")
-        for key in ("min_items", "chunk"):
-            value = getattr(spec, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise EvomergeError(f"{where}: racing.{key} must be a positive integer (items), got {value!r}")
-        return cls(spec.pruner, float(p), spec.min_items, spec.chunk)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def race_reference(study: optuna.Study) -> FrozenTrial | None:
-    """The trial a race compares with, or None: the best fully scored one, i.e.
-    the COMPLETE trial with item results and the highest told value (the scalarization), the
-    earliest among equals. Pruned trials are PRUNED, never this."""
-    from optuna.trial import TrialState
-
-    scored = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if ITEM_RESULTS in t.user_attrs]
-    return max(scored, key=lambda t: (t.value, -t.number), default=None)
+from evomerge.fitness.items import Item, ItemResults, by_task
 
 
 def race_order(seed: int, trial_number: int, items: Sequence[Item]) -> list[Item]:

@@ -46,45 +46,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evomerge.errors import EvomergeError
-from evomerge.item_results import ItemResults, item_positions
-from evomerge.yamlio import check_keys
+from evomerge.fitness.items import ItemResults, item_positions
 
 _NEWTON_STEPS, _NEWTON_MAX_STEP = 100, 2.0
-
-
-@dataclass(frozen=True)
-class EstimatorSpec:
-    """`estimator:` of a fitness spec: `anchors` (items every candidate is evaluated on, chosen
-    from the fit on the source models) or none (the estimator then completes the answers of a
-    `subset` or of a pruned race), and how many new fully scored rows trigger a refit."""
-
-    kind: str = "irt"
-    anchors: int | None = None
-    refit_every: int = 10
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "fitness spec") -> "EstimatorSpec":
-        if not isinstance(data, dict):
-            raise EvomergeError(f"{where}: estimator must be {{kind: irt, anchors: N, refit_every: K}}, got {data!r}")
-        check_keys(data, {"kind", "anchors", "refit_every"}, f"{where}: estimator")
-        spec = cls(**data)
-        if spec.kind != "irt":
-            raise EvomergeError(f"{where}: estimator.kind must be irt, got {spec.kind!r}")
-        if spec.anchors is not None and not _positive_int(spec.anchors):
-            raise EvomergeError(f"{where}: estimator.anchors must be a positive integer (items per candidate), "
-                                f"got {spec.anchors!r}")
-        if not _positive_int(spec.refit_every):
-            raise EvomergeError(f"{where}: estimator.refit_every must be a positive integer (fully scored trials), "
-                                f"got {spec.refit_every!r}")
-        return spec
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -227,7 +191,7 @@ def anchors(model: Irt2PL, items: np.ndarray, n: int, seed: int = 0) -> tuple[np
     sizes, and share their cluster's weight, so the item budget is always spent."""
     from scipy.cluster.vq import kmeans2
 
-    from evomerge.subset import allocate
+    from evomerge.fitness.subset import allocate
 
     items = np.asarray(items)
     n = min(n, len(items))
@@ -295,7 +259,7 @@ class IrtEstimator:
 
     def with_anchors(self, n: int, seed: int = 0) -> "IrtEstimator":
         """The same model estimating from `n` anchors, split over tasks as subsets are."""
-        from evomerge.subset import allocate
+        from evomerge.fitness.subset import allocate
 
         weights = {}
         for (task, items), k in zip(self.columns.items(), allocate(n, list(self.sizes.values()))):

@@ -13,33 +13,28 @@ the scalarization that single-objective samplers optimize.
 Cheaper fitness (lm_eval kind; each key optional, all in the study's fingerprint):
 
     subset: {size: 60, seed: 0, stratify_by: level}   # the same seeded, stratified items for every
-                                     # candidate (evomerge.subset); not with `limit`
+                                     # candidate (evomerge.fitness.subset); not with `limit`
     racing: {pruner: wilcoxon, p_threshold: 0.1, min_items: 20, chunk: 20}
                                      # evaluate in chunks, stop a candidate clearly worse than the
-                                     # best so far (evomerge.racing); single-objective samplers only
+                                     # best so far (evomerge.fitness.racing); single-objective samplers only
     estimator: {kind: irt, anchors: 50, refit_every: 10}
-                                     # scores = IRT estimates of the whole split (evomerge.irt): from
+                                     # scores = IRT estimates of the whole split (evomerge.fitness.irt): from
                                      # `anchors` items, or from a subset's or a pruned race's answers
 
 Metrics are the evaluator's scores, plus costs measured on the candidate itself
 (`param_count`, and `path_length` for routed candidates). Each kind declares its own
 options; lm-eval metric names are checked against the loaded tasks before any candidate is
-built (see evomerge/evaluate.py).
+built (evomerge.fitness.harness).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.yamlio import check_keys, load_yaml_mapping
-
-if TYPE_CHECKING:  # a fitness spec is read without loading torch
-    from transformers import PreTrainedModel
-
-    from evomerge.backends import Candidate
 
 COST_METRICS = ("param_count", "path_length")
 _COMMON = {"kind", "objectives", "scalarization", "description"}
@@ -81,10 +76,6 @@ class Objective:
     name: str
     metric: str
     direction: str = "maximize"
-
-
-class Evaluator(Protocol):
-    def evaluate(self, candidate: Candidate) -> dict[str, float]: ...
 
 
 @dataclass(frozen=True)
@@ -153,20 +144,9 @@ class FitnessSpec:
         return sum(w * sign[name] * values[name] for name, w in self.scalarization.items())
 
 
-def candidate_costs(model: PreTrainedModel) -> dict[str, float]:
-    """Costs to minimize: stored parameters (a layer a route uses twice counts once) and path length
-    (decoder layers a token passes through, which inference time grows with)."""
-    return {"param_count": float(sum(p.numel() for p in model.parameters())),
-            "path_length": float(model.config.num_hidden_layers)}
-
-
 def _item_options(data: dict[str, Any], where: str) -> dict[str, Any]:
     """`subset`, `racing` and `estimator` with their defaults filled in, present only when given (a
     study made before they existed keeps its fingerprint); combinations that cannot work are refused."""
-    from evomerge.irt import EstimatorSpec  # numpy only
-    from evomerge.racing import RacingSpec
-    from evomerge.subset import SubsetSpec
-
     parsers = {"subset": SubsetSpec.from_dict, "racing": RacingSpec.from_dict, "estimator": EstimatorSpec.from_dict}
     given = {key: parsers[key](data[key], where).to_dict() for key in ITEM_KEYS if key in data}
     limit, subset, racing, estimator = data.get("limit"), given.get("subset"), given.get("racing"), given.get("estimator")
@@ -195,3 +175,101 @@ def _options(data: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
             raise EvomergeError(f"{where}: {key} must be {expected}, got {value!r}")
         options[key] = value
     return options
+
+
+# ---------------------------------------------------------------- the item keys: subset, racing, estimator
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    size: int
+    seed: int = 0
+    stratify_by: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "fitness spec") -> "SubsetSpec":
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{where}: subset must be {{size: N, seed: S, stratify_by: FIELD}}, got {data!r}")
+        check_keys(data, {"size", "seed", "stratify_by"}, f"{where}: subset")
+        size, seed, field = data.get("size"), data.get("seed", 0), data.get("stratify_by")
+        if not _is_int(size) or size < 1:
+            raise EvomergeError(f"{where}: subset.size must be a positive integer (items per candidate), got {size!r}")
+        if not _is_int(seed) or seed < 0:
+            raise EvomergeError(f"{where}: subset.seed must be a non-negative integer, got {seed!r}")
+        if field is not None and (not isinstance(field, str) or not field):
+            raise EvomergeError(f"{where}: subset.stratify_by must be a field name of the task's documents, got {field!r}")
+        return cls(size, seed, field)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for the fitness fingerprint."""
+        return asdict(self)
+
+
+PRUNERS = ("wilcoxon",)
+
+
+@dataclass(frozen=True)
+class RacingSpec:
+    """`racing:` of a fitness spec (every key optional; the defaults are WilcoxonPruner's own
+    p_threshold and a chunk as large as the smallest sample it decides on)."""
+
+    pruner: str = "wilcoxon"
+    p_threshold: float = 0.1
+    min_items: int = 20
+    chunk: int = 20
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "fitness spec") -> "RacingSpec":
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{where}: racing must be {{pruner: wilcoxon, p_threshold: P, min_items: N, chunk: N}}, "
+                                f"got {data!r}")
+        check_keys(data, {"pruner", "p_threshold", "min_items", "chunk"}, f"{where}: racing")
+        spec = cls(**data)
+        if spec.pruner not in PRUNERS:
+            raise EvomergeError(f"{where}: racing.pruner must be one of {list(PRUNERS)}, got {spec.pruner!r}")
+        p = spec.p_threshold
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p < 1:
+            raise EvomergeError(f"{where}: racing.p_threshold must be a number between 0 and 1, got {p!r}")
+        for key in ("min_items", "chunk"):
+            value = getattr(spec, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EvomergeError(f"{where}: racing.{key} must be a positive integer (items), got {value!r}")
+        return cls(spec.pruner, float(p), spec.min_items, spec.chunk)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """`estimator:` of a fitness spec: `anchors` (items every candidate is evaluated on, chosen
+    from the fit on the source models) or none (the estimator then completes the answers of a
+    `subset` or of a pruned race), and how many new fully scored rows trigger a refit."""
+
+    kind: str = "irt"
+    anchors: int | None = None
+    refit_every: int = 10
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "fitness spec") -> "EstimatorSpec":
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{where}: estimator must be {{kind: irt, anchors: N, refit_every: K}}, got {data!r}")
+        check_keys(data, {"kind", "anchors", "refit_every"}, f"{where}: estimator")
+        spec = cls(**data)
+        if spec.kind != "irt":
+            raise EvomergeError(f"{where}: estimator.kind must be irt, got {spec.kind!r}")
+        if spec.anchors is not None and not _positive(spec.anchors):
+            raise EvomergeError(f"{where}: estimator.anchors must be a positive integer (items per candidate), "
+                                f"got {spec.anchors!r}")
+        if not _positive(spec.refit_every):
+            raise EvomergeError(f"{where}: estimator.refit_every must be a positive integer (fully scored trials), "
+                                f"got {spec.refit_every!r}")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

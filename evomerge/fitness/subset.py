@@ -26,42 +26,12 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from evomerge.errors import EvomergeError
-from evomerge.yamlio import check_keys
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class SubsetSpec:
-    size: int
-    seed: int = 0
-    stratify_by: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "fitness spec") -> "SubsetSpec":
-        if not isinstance(data, dict):
-            raise EvomergeError(f"{where}: subset must be {{size: N, seed: S, stratify_by: FIELD}}, got {data!r}")
-        check_keys(data, {"size", "seed", "stratify_by"}, f"{where}: subset")
-        size, seed, field = data.get("size"), data.get("seed", 0), data.get("stratify_by")
-        if not _is_int(size) or size < 1:
-            raise EvomergeError(f"{where}: subset.size must be a positive integer (items per candidate), got {size!r}")
-        if not _is_int(seed) or seed < 0:
-            raise EvomergeError(f"{where}: subset.seed must be a non-negative integer, got {seed!r}")
-        if field is not None and (not isinstance(field, str) or not field):
-            raise EvomergeError(f"{where}: subset.stratify_by must be a field name of the task's documents, got {field!r}")
-        return cls(size, seed, field)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values for the fitness fingerprint."""
-        return asdict(self)
+from evomerge.fitness.spec import SubsetSpec
 
 
 def task_docs(task_dict: dict[str, Any]) -> dict[str, Sequence[dict[str, Any]]]:

@@ -1,4 +1,5 @@
-"""Scoring candidates: lm-eval tasks (the harness this field trusts) and the zoo's scorer.
+"""lm-eval, the harness this field trusts: its tasks built once per run, one `evaluate` call per
+candidate, and each item's result on the way.
 
 `LmEvalEvaluator` pays lm-eval's set-up costs once per run: the task index is built from
 the local task folder alone when it holds every requested task (indexing lm-eval's ~15k
@@ -7,9 +8,18 @@ built-in names takes seconds) and datasets load once. Each trial then calls the 
 wraps: evomerge.backends), with lm-eval's progress bars and logs kept out of the user's
 terminal.
 
-`evaluate_items` also returns each item's result (evomerge.item_results): the search stores
-them on every trial, evaluates a study's seeded subset or IRT anchors, and races candidates
-chunk by chunk (evomerge.search.scoring).
+`evaluate_items` runs lm-eval once with sample logging on and returns both the aggregate
+scores (keyed as `flatten_results` keys them) and each item's results
+(evomerge.fitness.items): the search stores them on every trial, evaluates a study's seeded
+subset or IRT anchors, and races candidates chunk by chunk (evomerge.search.scoring).
+
+Facts about lm-eval 0.4.13's `evaluate(samples=...)` that shape this (read in its source):
+- `samples` maps a task to doc indices, but the task iterates the *selected docs in dataset
+  order* and then labels the k-th of them `samples[k]`: an unsorted list mislabels results.
+  The ids are therefore always passed sorted.
+- An empty list (or a task missing from `samples`) means "every doc": a task that should
+  get no item is dropped from the task dict for that call instead. Its group then aggregates
+  over the members that were evaluated (lm-eval's own `Group.aggregate` skips absent ones).
 
 Every problem with the spec (a task that does not exist, data missing offline, a metric
 the tasks do not produce) raises `EvomergeError` here, before any candidate is built.
@@ -17,57 +27,18 @@ the tasks do not produce) raises `EvomergeError` here, before any candidate is b
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoTokenizer
-
-from evomerge.backends import Candidate
+from evomerge.backends.candidate import quiet
 from evomerge.errors import EvomergeError
-from evomerge.fitness import COST_METRICS, Evaluator, FitnessSpec
-from evomerge.item_results import ItemResults, evaluate_items
-from evomerge.subset import SubsetSpec, choose_items, task_docs
-from evomerge.zoo import SKILLS, exact_match, split_examples
+from evomerge.fitness.items import ItemResults
+from evomerge.fitness.spec import COST_METRICS, FitnessSpec, SubsetSpec
+from evomerge.fitness.subset import choose_items, task_docs
 
-_NOISY_LOGGERS = ("lm-eval", "lm_eval", "datasets", "evaluate", "absl")
-
-
-class ZooSkillsEvaluator:
-    """Exact match on the zoo's skills by one teacher-forced pass per batch, without lm-eval:
-    the cheapest real fitness for the shipped models (tests and benches use it)."""
-
-    def __init__(self, spec: FitnessSpec, tokenizer_path: str | Path):
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.examples = {s: split_examples(s, spec.options["split"], spec.options["n_examples"]) for s in SKILLS}
-
-    @torch.inference_mode()
-    def evaluate(self, candidate: Candidate) -> dict[str, float]:
-        if candidate.model is None:
-            raise EvomergeError("the zoo_skills fitness scores Hugging Face models: use backend hf, or an lm_eval fitness")
-        scores = {s: exact_match(candidate.model, self.tokenizer, ex) for s, ex in self.examples.items()}
-        scores["mean"] = sum(scores.values()) / len(scores)
-        return scores
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence lm-eval and datasets while they work: their progress bars and INFO logs would
-    flood the terminal once per trial. Errors still surface as exceptions."""
-    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+if TYPE_CHECKING:  # torch, transformers and lm-eval load when a candidate is scored, not when results are read
+    from evomerge.backends.candidate import Candidate
 
 
 def load_tasks(names: list[str], include_path: Path) -> tuple[Any, dict[str, Any]]:
@@ -157,12 +128,14 @@ class LmEvalEvaluator:
         """The spec's scores: every item of the split, its first `limit`, or its `subset`."""
         return self.evaluate_items(candidate, self.subset)[0]
 
-    @torch.inference_mode()
     def evaluate_items(self, candidate: Candidate,
                        items: dict[str, list[int]] | None = None) -> tuple[dict[str, float], ItemResults]:
         """Scores and each item's result on `items` ({task: doc ids}; None: the split, or its first `limit`)."""
-        scores, results = evaluate_items(candidate.lm, self.task_dict, items,
-                                         limit=self.options["limit"] if items is None else None)
+        import torch
+
+        with torch.inference_mode():
+            scores, results = evaluate_items(candidate.lm, self.task_dict, items,
+                                             limit=self.options["limit"] if items is None else None)
         return self.named(scores), results
 
     def named(self, scores: dict[str, float]) -> dict[str, float]:
@@ -182,8 +155,80 @@ def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return flat
 
 
-def build_evaluator(spec: FitnessSpec, tokenizer_path: str | Path) -> Evaluator:
-    """The spec's evaluator; `tokenizer_path` serves the zoo scorer (lm-eval's comes with the candidate)."""
-    if spec.kind == "lm_eval":
-        return LmEvalEvaluator(spec)
-    return ZooSkillsEvaluator(spec, tokenizer_path)
+def task_sizes(task_dict: dict[str, Any]) -> dict[str, int]:
+    """Docs in each leaf task's evaluated split (after the spec's split is selected)."""
+    return {name: len(task.eval_docs) for name, task in task_dict["tasks"].items()}
+
+
+def evaluate_items(lm: Any, task_dict: dict[str, Any], items: dict[str, list[int]] | None = None,
+                   limit: int | None = None) -> tuple[dict[str, float], ItemResults]:
+    """Run lm-eval once on `items` ({task: doc ids}; None: every doc, or the first `limit`)
+    and return (aggregate scores as flatten_results keys them, each item's results).
+
+    Tasks that `items` leaves out or gives no id are not evaluated, and their groups
+    aggregate over the rest, exactly as lm-eval does for those items."""
+    from lm_eval.evaluator import evaluate
+
+    if items is not None and limit is not None:
+        raise EvomergeError("a fitness subset and `limit` exclude each other: drop `limit`")
+    tasks = task_dict["tasks"] if items is None else {t: task_dict["tasks"][t] for t in items if items[t]}
+    samples = None if items is None else {t: _checked_ids(t, task_dict["tasks"][t], items[t]) for t in tasks}
+    with quiet():
+        results = evaluate(lm=lm, task_dict={**task_dict, "tasks": tasks}, limit=limit, samples=samples,
+                           bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+    return flatten_results(results["results"]), _from_samples(results["samples"])
+
+
+def scores_from_items(task_dict: dict[str, Any], results: ItemResults) -> dict[str, float]:
+    """The aggregate scores lm-eval reports on exactly these items (each task's own aggregation
+    function, lm-eval's group aggregation), without running the model again: the score of a
+    candidate whose items were evaluated in several chunks."""
+    from lm_eval.api.metrics import mean
+
+    per_task = {}
+    for task, values in results.values.items():
+        aggregation = task_dict["tasks"][task].aggregation()
+        per_task[task] = {key: aggregation.get(key.partition(",")[0], mean)(v) for key, v in values.items()}
+    return aggregate_scores(task_dict, per_task, {task: len(ids) for task, ids in results.ids.items()})
+
+
+def aggregate_scores(task_dict: dict[str, Any], per_task: dict[str, dict[str, float]],
+                     sizes: dict[str, int]) -> dict[str, float]:
+    """Scores keyed as flatten_results keys them from per-task metric values ({task: {"acc,none":
+    0.5}}) standing for `sizes[task]` items each, with the groups lm-eval would report over them."""
+    metrics: dict[str, dict[str, Any]] = {task: {"sample_len": sizes[task], **values} for task, values in per_task.items()}
+    with quiet():  # a group whose members were not all evaluated warns about each absent one
+        for name, group in task_dict["groups"].items():
+            metrics[name] = group.aggregate(metrics)
+    return flatten_results(metrics)
+
+
+def _checked_ids(name: str, task: Any, ids: list[int]) -> list[int]:
+    ordered = sorted(int(i) for i in ids)
+    n = len(task.eval_docs)
+    if len(set(ordered)) != len(ordered):
+        raise ValueError(f"task {name!r}: item ids repeat")
+    bad = [i for i in (ordered[0], ordered[-1]) if not 0 <= i < n]
+    if bad:
+        raise EvomergeError(f"task {name!r} has {n} items but item {bad[0]} was asked for: "
+                            "its data changed since the study chose its items; use a new study")
+    return ordered
+
+
+def _from_samples(samples: dict[str, list[dict[str, Any]]]) -> ItemResults:
+    ids, values = {}, {}
+    for task, logged in samples.items():
+        per_doc: dict[int, dict[str, float]] = {}
+        for entry in logged:  # one entry per (doc, filter)
+            row = per_doc.setdefault(int(entry["doc_id"]), {})
+            for metric in entry["metrics"]:
+                if _is_number(entry[metric]):
+                    row[f"{metric},{entry['filter']}"] = float(entry[metric])
+        ids[task] = sorted(per_doc)
+        keys = set.intersection(*(set(r) for r in per_doc.values())) if per_doc else set()
+        values[task] = {key: [per_doc[i][key] for i in ids[task]] for key in sorted(keys)}
+    return ItemResults(ids, values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, complex)
