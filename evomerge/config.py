@@ -13,6 +13,9 @@ and where the study lives. Every error names the file, the key and what was expe
     storage: null                            # default sqlite:///runs/<name>/study.db
     device: auto                             # auto | cpu | cuda | cuda:N
     backend: hf                              # or vllm, or {name: vllm, max_model_len: 2048, ...} (EngineOptions)
+    tokenizer_source: null                   # base | union | a model: experts whose vocabularies differ
+    chat_template: null                      # a model of the run (its template) or a Jinja template: what merges
+                                             # are exported with, and scored with when the fitness applies one
     reconnect_timeout_s: 300                 # a lost database connection is retried this long
 """
 
@@ -26,6 +29,7 @@ from typing import Any
 from evomerge.backends.vllm_options import EngineOptions
 from evomerge.errors import EvomergeError
 from evomerge.fitness.spec import FitnessSpec
+from evomerge.recipe import is_template
 from evomerge.routing_layouts import check_routable
 from evomerge.search_space import SearchSpace
 from evomerge.yamlio import check_keys, load_yaml_mapping
@@ -37,7 +41,8 @@ SAMPLERS = {
     "random": set(),
 }
 _KEYS = {"name", "models", "base_model", "search_space", "fitness", "sampler", "budget", "seed", "storage",
-         "study_name", "device", "dtype", "heartbeat", "reconnect_timeout_s", "tokenizer_source", "description", "backend"}
+         "study_name", "device", "dtype", "heartbeat", "reconnect_timeout_s", "tokenizer_source", "chat_template",
+         "description", "backend"}
 BACKENDS = ("hf", "vllm")
 
 
@@ -63,6 +68,7 @@ class RunConfig:
     heartbeat: dict[str, float] = field(default_factory=lambda: {"interval": 10.0, "grace": 30.0})
     reconnect_timeout_s: float = 300.0  # how long a lost database connection is retried before the run stops
     tokenizer_source: str | None = None  # base | union | a model: experts whose vocabularies differ (see recipe.py)
+    chat_template: str | None = None  # a model's template or a Jinja template: what merges are exported and scored with
     n_items: int | None = None  # budget.items: evaluated items (racing spends a varying number per trial)
     backend: str = "hf"  # where candidates are scored (evomerge.backends); not in the fingerprint: see `fingerprint`
     engine: EngineOptions = field(default_factory=EngineOptions)  # the vllm backend's options
@@ -77,8 +83,9 @@ class RunConfig:
         the same scores (tests/test_backend_cli.py), so a study may be resumed on either."""
         fingerprint = {"models": self.models, "base_model": self.base_model, "search_space": asdict(self.search_space),
                        "fitness": self.fitness.fingerprint(), "sampler": self.sampler, "seed": self.seed}
-        if self.tokenizer_source is not None:  # absent otherwise, as in studies made before the key existed
-            fingerprint["tokenizer_source"] = self.tokenizer_source
+        for key in ("tokenizer_source", "chat_template"):  # absent when unset, as in studies made before the keys
+            if getattr(self, key) is not None:
+                fingerprint[key] = getattr(self, key)
         return json.loads(json.dumps(fingerprint))  # the JSON form, as the study stores it
 
 
@@ -147,6 +154,10 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
         raise _err(where, "tokenizer_source", "base, union or one of the models", tokenizer_source)
+    chat_template = data.get("chat_template")
+    if chat_template is not None and not (chat_template in [base, *models] or is_template(chat_template)):
+        raise _err(where, "chat_template", "one of the models (its template) or a Jinja template ({{ }} or {% %})",
+                   chat_template)
     device = data.get("device", "auto")
     dtype = data.get("dtype", "bfloat16")
     if dtype not in ("bfloat16", "float16", "float32"):
@@ -168,7 +179,8 @@ def load_config(path: str | Path, *, n_trials: int | None = None, storage: str |
         study_name=study_name or data.get("study_name") or name,
         device=None if device == "auto" else str(device), dtype=dtype,
         heartbeat={"interval": 10.0, "grace": 30.0, **{k: float(v) for k, v in heartbeat.items()}},
-        reconnect_timeout_s=float(reconnect), tokenizer_source=tokenizer_source, backend=backend_name, engine=engine,
+        reconnect_timeout_s=float(reconnect), tokenizer_source=tokenizer_source, chat_template=chat_template,
+        backend=backend_name, engine=engine,
         n_items=_int(budget, "items", f"{where}: budget", None, 1),
     )
 

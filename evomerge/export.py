@@ -8,8 +8,10 @@ export never leaves a half-written checkpoint under the requested name."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -65,11 +67,8 @@ def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_
     path = materializer.sources[source].path
     tokenizer = vocabulary.tokenizer if vocabulary else _tokenizer(path, trust_remote_code)
     tokenizer.save_pretrained(out)
-    template = recipe.chat_template
-    if template in materializer.sources:
-        template = _tokenizer(materializer.sources[template].path, trust_remote_code).chat_template
-        if template is None:
-            raise EvomergeError(f"chat_template: model {recipe.chat_template!r} has no chat template")
+    template = recipe.chat_template and chat_template(recipe, {r: s.path for r, s in materializer.sources.items()},
+                                                      trust_remote_code)
     if template is not None:
         saved = _tokenizer(out, trust_remote_code)  # a fresh copy: the source's tokenizer object stays as it is
         saved.chat_template = template
@@ -77,6 +76,27 @@ def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_
     if (path / "generation_config.json").is_file():
         shutil.copyfile(path / "generation_config.json", out / "generation_config.json")
     return template
+
+
+def chat_template(recipe: Recipe, paths: Mapping[str, Path], trust_remote_code: bool = False) -> str | dict | None:
+    """The chat template the merge is exported with, so a candidate can be scored with it: the recipe's
+    (a model's template, or a Jinja template), else its tokenizer model's own (None: it has none; a dict
+    holds named templates)."""
+    template = recipe.chat_template
+    if template is None:
+        return model_chat_template(paths[recipe.tokenizer_model], trust_remote_code)
+    if template in paths:
+        found = model_chat_template(paths[template], trust_remote_code)
+        if found is None:
+            raise EvomergeError(f"chat_template: model {template!r} has no chat template")
+        return found
+    return template
+
+
+@functools.lru_cache(maxsize=64)
+def model_chat_template(path: Path, trust_remote_code: bool = False) -> str | dict | None:
+    """A checkpoint's own chat template (its tokenizer's), read once per folder."""
+    return _tokenizer(path, trust_remote_code).chat_template
 
 
 def _tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:

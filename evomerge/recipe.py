@@ -195,6 +195,14 @@ class Recipe:
             return self.route.embed_from
         return self.base_model or self.models[0].model
 
+    @property
+    def tokenizer_model(self) -> str:
+        """The model whose tokenizer the merge takes (and its chat template, unless `chat_template` says
+        otherwise): a tokenizer_source's (`base` and `union` start from the first model), else the primary's."""
+        if self.tokenizer_source is None:
+            return self.primary_model
+        return self.refs[0] if self.tokenizer_source in ("base", "union") else self.tokenizer_source
+
     def validate(self, where: str = "recipe") -> None:
         """Everything that can be checked without the models: names, types, counts, finiteness."""
         if self.dtype not in DTYPES:
@@ -203,7 +211,7 @@ class Recipe:
             self.route.validate(f"{where}: route", has_merge=self.method is not None)
         if self.method is not None:
             self._validate_merge(where)
-        if self.chat_template is not None and not (self.chat_template in self.refs or _is_template(self.chat_template)):
+        if self.chat_template is not None and not (self.chat_template in self.refs or is_template(self.chat_template)):
             raise EvomergeError(f"{where}: chat_template must name a model of this recipe or be a Jinja template "
                                 f"(with {{{{ }}}} or {{% %}}), got {self.chat_template!r}")
 
@@ -292,7 +300,7 @@ def _check_values(values: dict[str, Any], allowed: Any, where: str, numbers_only
                 raise EvomergeError(f"{where}.{key}: expected a finite number or a list of them, got {v!r}")
 
 
-def _is_template(text: Any) -> bool:
+def is_template(text: Any) -> bool:
     return isinstance(text, str) and ("{{" in text or "{%" in text)
 
 

@@ -41,6 +41,17 @@ from evomerge.fitness.zoo_skills import (ALPHABET, EVAL_LENGTHS, EVAL_SEED, SKIL
 
 ZOO_DIR = Path(__file__).parent / "zoo_models"
 ZOO_MODELS = ("base", "expert_rev", "expert_srt", "expert_cae")
+# One expert ships a chat template, as instruct models do (evaluators/zoo_target_chat.yaml scores through it):
+# a system instruction, then each user turn after <s> and each answer closed by </s>.
+CHAT_MODEL = "expert_rev"
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + ' ' }}"
+    "{%- elif message['role'] == 'user' -%}{{ bos_token + message['content'] }}"
+    "{%- else -%}{{ message['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 TRAIN_SEED = 0
 INIT_SEED = 0
@@ -201,7 +212,8 @@ def _round_to_bf16(model: PreTrainedModel) -> None:
 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
-    """Write a bfloat16 safetensors checkpoint (the default format) plus tokenizer files.
+    """Write a bfloat16 safetensors checkpoint (the default format) plus tokenizer files (with the chat
+    template for CHAT_MODEL).
 
     The directory is replaced, so stale files from an earlier build never linger.
     """
@@ -210,6 +222,14 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path
     shipped = copy.deepcopy(model).to(torch.bfloat16)
     shipped.config.dtype = torch.bfloat16
     shipped.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    """A zoo model's tokenizer files; CHAT_MODEL's carry CHAT_TEMPLATE."""
+    if path.name == CHAT_MODEL:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
     for file in path.iterdir():
         file.chmod(0o644)  # safetensors writes 0600; shipped package data must be world-readable

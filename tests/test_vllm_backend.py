@@ -161,6 +161,27 @@ def test_exported_checkpoint_in_a_fresh_engine_scores_what_the_live_engine_score
     assert fresh == live
 
 
+def test_a_chat_template_fitness_scores_the_same_items_on_both_backends(backend, hf):
+    """apply_chat_template with a system instruction and per-task generation options, on a loglikelihood
+    and a generation task: every prompt formatted by the template the merge is exported with (expert_rev's)."""
+    from evomerge.fitness.harness import LmEvalEvaluator
+    from evomerge.fitness.spec import FitnessSpec
+
+    recipe = Recipe.from_dict({**RECIPES["ties"].to_dict(), "chat_template": REFS[1]})
+    fitness = FitnessSpec.from_dict({
+        "kind": "lm_eval", "tasks": TASKS, "split": "search", "limit": 60, "include_path": str(REPO / "evaluators/tasks"),
+        "apply_chat_template": True, "system_instruction": "be exact", "gen_kwargs": {"zoo_gen": {"max_gen_toks": 10}},
+        "objectives": [{"name": "target", "metric": "zoo_target/acc"}, {"name": "gen", "metric": "zoo_gen/exact_match"}]},
+        "chat spec")
+    evaluator = LmEvalEvaluator(fitness)
+    expected_scores, expected = evaluator.evaluate_items(hf.materialize(recipe))
+    scores, results = evaluator.evaluate_items(backend.materialize(recipe))
+    assert results.ids == expected.ids and results.n_items == 240
+    differing = [(task, key) for task in results.values for key in results.values[task]
+                 if results.values[task][key] != expected.values[task][key]]
+    assert not differing and scores == expected_scores
+
+
 def test_recipes_the_engine_cannot_take_fail_with_one_line(backend):
     too_long = Recipe.from_dict({"dtype": "float32", "route": {
         "embed_from": REFS[1], "layers": [{"model": REFS[1], "layer": i % 4} for i in range(DEPTH + 1)]}})

@@ -26,6 +26,7 @@ class Candidate:
     costs: dict[str, float]  # param_count, path_length (candidate_costs)
     model: PreTrainedModel | None = None  # the HF module, where the backend has one
     make_lm: Callable[[], Any] = field(default=lambda: None, repr=False)
+    chat_template: str | dict | None = None  # the template it is exported with (evomerge.export.chat_template)
 
     @cached_property
     def lm(self) -> Any:
@@ -43,7 +44,13 @@ class Backend(Protocol):
 class NoProgressBars:
     """Put first among the bases of an lm-eval model class: its request methods run without their
     per-call progress bars (lm-eval passes `disable=` explicitly, so they cannot be silenced from
-    outside); one line per trial is evomerge's own output."""
+    outside); one line per trial is evomerge's own output. The class also says how a fitness spec
+    formats prompts for it (`score_with`)."""
+
+    def score_with(self, chat_template: str | None, max_length: int | None) -> None:
+        """The chat template prompts are formatted with (lm-eval's `apply_chat_template` path) and the
+        longest prompt plus answer (None: the model's); set before each evaluation."""
+        raise NotImplementedError
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return super().loglikelihood(requests, disable_tqdm=True)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from evomerge.backends.candidate import Candidate, NoProgressBars, candidate_costs
+from evomerge.export import chat_template
 from evomerge.merge.materialize import Materializer
 from evomerge.recipe import Recipe
 
@@ -30,7 +31,9 @@ class HfBackend:
         model = self.materializer.apply(recipe)
         if model.device.type == "cuda":
             torch.cuda.synchronize()  # the merge's time is the merge's, not the first forward's
-        return Candidate(candidate_costs(model), model, make_lm=lambda: self._lm(model))
+        paths = {ref: source.path for ref, source in self.materializer.sources.items()}
+        return Candidate(candidate_costs(model), model, make_lm=lambda: self._lm(model),
+                         chat_template=chat_template(recipe, paths, self.materializer.trust_remote_code))
 
     def _lm(self, model: PreTrainedModel) -> Any:
         if self._wrapped is None or self._wrapped[0] is not model:
@@ -43,7 +46,8 @@ def as_candidate(model: PreTrainedModel, tokenizer: Any, batch_size: int = 32) -
     tokenizer or the checkpoint folder it is read from."""
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    return Candidate(candidate_costs(model), model, make_lm=lambda: quiet_hflm(model, tokenizer, batch_size))
+    return Candidate(candidate_costs(model), model, make_lm=lambda: quiet_hflm(model, tokenizer, batch_size),
+                     chat_template=tokenizer.chat_template)
 
 
 def quiet_hflm(model: PreTrainedModel, tokenizer: Any, batch_size: int) -> Any:
@@ -60,6 +64,8 @@ def _quiet_hflm_class() -> type:
     from lm_eval.models.huggingface import HFLM
 
     class QuietHFLM(NoProgressBars, HFLM):
-        pass
+        def score_with(self, chat_template: str | None, max_length: int | None) -> None:
+            self.chat_template_args = {"chat_template": chat_template} if chat_template else {}
+            self._max_length = max_length
 
     return QuietHFLM

@@ -47,6 +47,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from evomerge.backends.candidate import Candidate, NoProgressBars
 from evomerge.backends.vllm_options import EngineOptions
 from evomerge.errors import EvomergeError
+from evomerge.export import chat_template
 from evomerge.layouts import build_model, decoder_layers, text_config
 from evomerge.merge.materialize import merged_tensors
 from evomerge.models import SourceSet, load_config
@@ -261,7 +262,9 @@ class VllmBackend:
         if recipe.route is not None:
             self._check_route(recipe.route)
         self._load(self._weights(recipe))
-        return Candidate(self.costs(recipe), make_lm=lambda: self.lm)
+        paths = {ref: source.path for ref, source in self.inputs.sources.items()}
+        return Candidate(self.costs(recipe), make_lm=lambda: self.lm,
+                         chat_template=chat_template(recipe, paths, self.inputs.trust_remote_code))
 
     def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Stream the weights into the engine. A merge that fails half way (an option only the kernel checks,
@@ -502,6 +505,9 @@ def live_vllm_class() -> type:
             self.truncation_side, self.add_bos_token, self.custom_prefix_token_id = "left", None, None
             self.think_end_token, self.enable_thinking, self.lora_request = None, None, None
             self.chat_template_args, self.hf_chat_template = {}, None
+
+        def score_with(self, chat_template: str | None, max_length: int | None) -> None:
+            self.hf_chat_template, self._max_length = chat_template, max_length
 
         def _model_generate(self, requests, generate=False, sampling_params=None):
             """One engine call for the batch, without its progress bar (the parent shows one when batch_size

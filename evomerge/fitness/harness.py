@@ -110,6 +110,8 @@ class LmEvalEvaluator:
             if options["num_fewshot"] is not None:
                 task.set_config(key="num_fewshot", value=options["num_fewshot"])
             task.set_fewshot_seed(seed=options["seed"])
+        for name, kwargs in options.get("gen_kwargs", {}).items():
+            self._set_generation(name, kwargs)
         available = metric_keys(self.task_dict)
         self.metrics = {o.metric: resolve_metric(o.metric, available, spec.source)
                         for o in spec.objectives if o.metric not in COST_METRICS}
@@ -124,6 +126,25 @@ class LmEvalEvaluator:
                 raise EvomergeError(f"lm-eval task {name!r} has no split {split!r}; it has {sorted(task.dataset or {})}")
             task.config.test_split = split
 
+    def _set_generation(self, name: str, kwargs: dict[str, Any]) -> None:
+        """`gen_kwargs: {TASK: {...}}`: lm-eval's generation options of a generate_until task, overridden."""
+        task = self.task_dict["tasks"].get(name)
+        if task is None:
+            raise EvomergeError(f"{self.source}: gen_kwargs names task {name!r}, which is not among the tasks "
+                                f"evaluated: {sorted(self.task_dict['tasks'])}")
+        if task.config.output_type != "generate_until":
+            raise EvomergeError(f"{self.source}: gen_kwargs for task {name!r}, whose requests are {task.config.output_type}: "
+                                "only generate_until tasks generate")
+        task.set_config(key="generation_kwargs", value=dict(kwargs), update=True)
+
+    def chat(self) -> dict[str, Any]:
+        """lm-eval's own prompt-formatting arguments (its `evaluate`'s), as the spec sets them; few-shot
+        examples become chat turns whenever a template is applied unless the spec says otherwise, as
+        lm-eval's command line does."""
+        applied = bool(self.options.get("apply_chat_template"))
+        return {"apply_chat_template": applied, "system_instruction": self.options.get("system_instruction"),
+                "fewshot_as_multiturn": self.options.get("fewshot_as_multiturn", applied)}
+
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         """The spec's scores: every item of the split, its first `limit`, or its `subset`."""
         return self.evaluate_items(candidate, self.subset)[0]
@@ -133,15 +154,36 @@ class LmEvalEvaluator:
         """Scores and each item's result on `items` ({task: doc ids}; None: the split, or its first `limit`)."""
         import torch
 
+        wanted = self.options.get("apply_chat_template")
+        template = select_template(candidate.chat_template, wanted, self.source) if wanted else None
+        candidate.lm.score_with(template, self.options.get("max_length"))  # the wrapper may have served another spec
         with torch.inference_mode():
             scores, results = evaluate_items(candidate.lm, self.task_dict, items,
-                                             limit=self.options["limit"] if items is None else None)
+                                             limit=self.options["limit"] if items is None else None, chat=self.chat())
         return self.named(scores), results
 
     def named(self, scores: dict[str, float]) -> dict[str, float]:
         """`scores` with each objective's metric also under the name the spec uses (`zoo_gen/exact_match`
         for `zoo_gen/exact_match,first-word`), where the scores have it."""
         return {**scores, **{wanted: scores[key] for wanted, key in self.metrics.items() if key in scores}}
+
+
+def select_template(templates: str | dict | None, wanted: bool | str, where: str) -> str:
+    """The template `apply_chat_template: true | NAME` picks from a tokenizer's (one template, or named
+    ones with a `default`), as transformers picks it; a missing one is refused in one line."""
+    if templates is None:
+        raise EvomergeError(f"{where}: apply_chat_template is set, but the candidate's tokenizer has no chat template: "
+                            "set chat_template in the run config (a model that has one, or a Jinja template)")
+    if isinstance(templates, str):
+        if isinstance(wanted, str):
+            raise EvomergeError(f"{where}: apply_chat_template names template {wanted!r}, but the tokenizer holds "
+                                "one unnamed template: use true")
+        return templates
+    name = wanted if isinstance(wanted, str) else "default"
+    if name not in templates:
+        raise EvomergeError(f"{where}: apply_chat_template: the tokenizer has no template named {name!r}; "
+                            f"it has {sorted(templates)}")
+    return templates[name]
 
 
 def flatten_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -161,9 +203,10 @@ def task_sizes(task_dict: dict[str, Any]) -> dict[str, int]:
 
 
 def evaluate_items(lm: Any, task_dict: dict[str, Any], items: dict[str, list[int]] | None = None,
-                   limit: int | None = None) -> tuple[dict[str, float], ItemResults]:
+                   limit: int | None = None, chat: dict[str, Any] | None = None) -> tuple[dict[str, float], ItemResults]:
     """Run lm-eval once on `items` ({task: doc ids}; None: every doc, or the first `limit`)
-    and return (aggregate scores as flatten_results keys them, each item's results).
+    and return (aggregate scores as flatten_results keys them, each item's results). `chat` holds
+    lm-eval's prompt-formatting arguments (`LmEvalEvaluator.chat`).
 
     Tasks that `items` leaves out or gives no id are not evaluated, and their groups
     aggregate over the rest, exactly as lm-eval does for those items."""
@@ -175,7 +218,7 @@ def evaluate_items(lm: Any, task_dict: dict[str, Any], items: dict[str, list[int
     samples = None if items is None else {t: _checked_ids(t, task_dict["tasks"][t], items[t]) for t in tasks}
     with quiet():
         results = evaluate(lm=lm, task_dict={**task_dict, "tasks": tasks}, limit=limit, samples=samples,
-                           bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+                           bootstrap_iters=0, log_samples=True, verbosity="ERROR", **(chat or {}))
     return flatten_results(results["results"]), _from_samples(results["samples"])
 
 

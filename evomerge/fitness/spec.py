@@ -67,6 +67,29 @@ KINDS: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "include_path": ("tasks", lambda v: isinstance(v, str) and v, "a folder of task YAMLs"),
     },
 }
+
+
+def _gen_kwargs(value: Any) -> bool:
+    plain = (str, int, float, bool)
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(task, str) and isinstance(kwargs, dict) and kwargs and all(
+            isinstance(k, str) and (isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, str) for x in v)))
+            for k, v in kwargs.items())
+        for task, kwargs in value.items())
+
+
+# lm_eval only: how prompts are formatted and answers generated, lm-eval's own options of these names
+# (chat models are scored through their chat template). Stored only when given, so a study made
+# before they existed keeps its fingerprint.
+CHAT_OPTIONS: dict[str, tuple[Any, str]] = {
+    "apply_chat_template": (lambda v: isinstance(v, bool) or (isinstance(v, str) and bool(v)),
+                            "true, false, or the name of a chat template the tokenizer holds"),
+    "system_instruction": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "fewshot_as_multiturn": (lambda v: isinstance(v, bool), "true or false (default: as apply_chat_template)"),
+    "gen_kwargs": (_gen_kwargs, "a mapping of task names to generation options, e.g. {zoo_gen: {max_gen_toks: 16, "
+                                "until: ['</s>']}}"),
+    "max_length": (_positive, "a positive integer (the longest prompt plus answer, in tokens)"),
+}
 ZOO_SKILLS = ("rev", "srt", "cae")  # the zoo's skills (evomerge.zoo trains one expert per skill)
 ZOO_METRICS = (*ZOO_SKILLS, "mean")
 
@@ -100,8 +123,9 @@ class FitnessSpec:
         kind = data.get("kind")
         if kind not in KINDS:
             raise EvomergeError(f"{where}: kind must be one of {sorted(KINDS)}, got {kind!r}")
-        check_keys(data, _COMMON | set(KINDS[kind]) | (set(ITEM_KEYS) if kind == "lm_eval" else set()), where)
-        options = {**_options(data, kind, where), **_item_options(data, where)}
+        lm_eval_only = {*ITEM_KEYS, *CHAT_OPTIONS} if kind == "lm_eval" else set()
+        check_keys(data, _COMMON | set(KINDS[kind]) | lm_eval_only, where)
+        options = {**_options(data, kind, where), **_item_options(data, where), **_chat_options(data, where)}
         entries = data.get("objectives")
         if not isinstance(entries, list) or not entries:
             raise EvomergeError(f"{where}: objectives must be a non-empty list of {{name, metric, direction}}")
@@ -162,6 +186,20 @@ def _item_options(data: dict[str, Any], where: str) -> dict[str, Any]:
     if estimator and not (anchors or subset or racing):
         raise EvomergeError(f"{where}: estimator {estimator['kind']} estimates the items a candidate did not see, but "
                             "every candidate sees every item: give it anchors: N, or use it with subset or racing")
+    return given
+
+
+def _chat_options(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The chat and generation options given (none has a stored default: see CHAT_OPTIONS)."""
+    given = {key: data[key] for key in CHAT_OPTIONS if key in data}
+    for key, value in given.items():
+        check, expected = CHAT_OPTIONS[key]
+        if not check(value):
+            raise EvomergeError(f"{where}: {key} must be {expected}, got {value!r}")
+    if given.get("fewshot_as_multiturn") and not given.get("apply_chat_template"):
+        raise EvomergeError(f"{where}: fewshot_as_multiturn needs apply_chat_template (few-shot turns are chat turns)")
+    if given.get("apply_chat_template") is False:
+        del given["apply_chat_template"]  # false is the default: the same study as leaving it out
     return given
 
 

@@ -12,12 +12,13 @@ on keeps the single largest slot, so every decoded route has 1..max_path_length 
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 from optuna.distributions import FloatDistribution
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.methods import get_method
-from evomerge.recipe import MERGED, Recipe, Route, Source, Step, n_groups
+from evomerge.recipe import MERGED, Recipe, Route, Source, Step, is_template, n_groups
 from evomerge.search_space import Gene, RouteSpace, SearchSpace
 
 def _check_models(method_name: str, models: list[str], base_model: str | None) -> None:
@@ -95,11 +96,11 @@ class Genome:
     """The codec for one search space applied to concrete models (their count and depth fix the genes)."""
 
     def __init__(self, space: SearchSpace, models: list[str], base_model: str | None, n_layers: int,
-                 tokenizer_source: str | None = None):
+                 tokenizer_source: str | None = None, chat_template: str | None = None):
         if space.method is not None:
             _check_models(space.method, models, base_model)
         self.space, self.models, self.base_model, self.n_layers = space, list(models), base_model, n_layers
-        self.tokenizer_source = tokenizer_source
+        self.tokenizer_source, self.chat_template = tokenizer_source, chat_template
         self.groups = None if space.layer_granularity is None else n_groups(n_layers, space.layer_granularity)
         self.genes: dict[str, Gene] = {}
         for i in range(len(models) if space.method else 0):
@@ -143,13 +144,15 @@ class Genome:
         route = self.route.decode(params) if self.route else None
         if self.space.method is None:
             recipe = Recipe(method=None, models=[], route=route)
+            if self.chat_template in recipe.refs or is_template(self.chat_template):  # else the route's own model's
+                recipe = replace(recipe, chat_template=self.chat_template)
         else:
             sources = [Source(model, {p: self._value(params, f"{p}/s{i}") for p in self.space.per_source})
                        for i, model in enumerate(self.models)]
             options = {**self.space.options, **{o: self._value(params, o) for o in self.space.shared}}
             recipe = Recipe(method=self.space.method, models=sources, base_model=self.base_model, parameters=options,
                             layer_granularity=self.space.layer_granularity or 0, seed=self.space.seed, route=route,
-                            tokenizer_source=self.tokenizer_source)
+                            tokenizer_source=self.tokenizer_source, chat_template=self.chat_template)
         recipe.validate()
         return recipe
 

@@ -34,7 +34,7 @@ from evomerge.fitness.spec import FitnessSpec
 from evomerge.recipe import Recipe
 from evomerge.search.archive import completed, pareto_archive
 from evomerge.search.attrs import HELD_OUT, ITEMS, ITEM_RESULTS
-from evomerge.search.loop import source_recipe
+from evomerge.search.loop import check_chat_template, run_refs, source_recipe
 
 if TYPE_CHECKING:
     from evomerge.backends.candidate import Backend, Candidate
@@ -117,7 +117,7 @@ def evaluate_held_out(config: RunConfig, study: optuna.Study, spec: FitnessSpec,
 
     if sources:
         previous = known.get(SOURCES_KEY, {})
-        result.sources = {ref: score(source_recipe(config, ref), previous.get(ref)) for ref in _refs(config)}
+        result.sources = {ref: score(source_recipe(config, ref), previous.get(ref)) for ref in run_refs(config)}
         study.set_user_attr(f"{HELD_OUT}{SOURCES_KEY}/{result.name}", result.sources)
     for trial in trials:
         recipe = Recipe.from_dict(json.loads(trial.user_attrs["recipe"]), where=f"trial {trial.number}")
@@ -134,10 +134,6 @@ def _scored(spec: FitnessSpec, evaluator: Evaluator, candidate: Candidate) -> di
         scores, results = items(candidate, evaluator.subset)  # type: ignore[attr-defined]
         extra = {ITEMS: results.n_items, ITEM_RESULTS: results.to_json()}
     return {"scores": scores, "objectives": spec.objective_values({**scores, **candidate.costs}), **extra}
-
-
-def _refs(config: RunConfig) -> list[str]:
-    return ([config.base_model] if config.base_model else []) + config.models
 
 
 def table(held_out: HeldOut) -> str:
@@ -163,7 +159,8 @@ def evaluate_command(config: RunConfig, study: optuna.Study, spec: FitnessSpec, 
 
     check_spec(spec)
     trials = choose_trials(config, study, top, numbers)
-    refs = _refs(config)
+    check_chat_template(config, spec)
+    refs = run_refs(config)
     evaluator = build_evaluator(spec, resolve_path(refs[0], allow_pickle=allow_pickle))
     backend = make_backend(config, refs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     result = evaluate_held_out(config, study, spec, trials, backend, evaluator)

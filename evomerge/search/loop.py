@@ -23,7 +23,9 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge import faults
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.recipe import Recipe, Source
+from evomerge.fitness.harness import select_template
+from evomerge.fitness.spec import FitnessSpec
+from evomerge.recipe import Recipe, Source, is_template
 from evomerge.refs import local_dir, resolve_path
 from evomerge.search.attrs import CANDIDATE_FAILURE, FAILURE, ITEMS, ITEM_RESULTS, SAMPLED, SOURCES
 from evomerge.search.genome import Genome
@@ -45,9 +47,46 @@ class Scored:
 
 
 def source_recipe(config: RunConfig, ref: str) -> Recipe:
-    """A source model as a candidate: a one-model linear merge is the model itself."""
+    """A source model as a candidate: a one-model linear merge is the model itself, with the run's chat
+    template when it sets one (sources and merges are then scored alike)."""
     return Recipe(method="linear", models=[Source(ref, {"weight": 1.0})], dtype=config.dtype,
-                  tokenizer_source=config.tokenizer_source)
+                  tokenizer_source=config.tokenizer_source, chat_template=_template_text(config))
+
+
+def _template_text(config: RunConfig) -> str | None:
+    """The run's chat_template as a Jinja template (a model of the run stands for its own)."""
+    from evomerge.export import model_chat_template
+
+    if config.chat_template is None or is_template(config.chat_template):
+        return config.chat_template
+    text = model_chat_template(resolve_path(config.chat_template))
+    if not isinstance(text, str):
+        raise EvomergeError(f"{config.path}: chat_template: model {config.chat_template!r} has "
+                            f"{'no chat template' if text is None else 'several named chat templates'}: give a "
+                            "model with one template, or the Jinja template itself")
+    return text
+
+
+def check_chat_template(config: RunConfig, spec: FitnessSpec) -> None:
+    """A spec that formats prompts with a chat template is refused in one line, before any model loads, when
+    a model it would score (a source, or the merges' tokenizer model) has none or not the one it names."""
+    from evomerge.export import chat_template
+
+    wanted = spec.options.get("apply_chat_template")
+    if not wanted:
+        return
+    refs = run_refs(config)
+    paths = {ref: resolve_path(ref) for ref in refs}
+    merge = Recipe(method="linear", models=[Source(m, {"weight": 1.0}) for m in config.models],
+                   base_model=config.base_model, tokenizer_source=config.tokenizer_source,
+                   chat_template=config.chat_template)
+    for recipe in [*(source_recipe(config, ref) for ref in refs), merge]:
+        select_template(chat_template(recipe, paths), wanted, f"{spec.source} (scoring {recipe.tokenizer_model})")
+
+
+def run_refs(config: RunConfig) -> list[str]:
+    """Every model of the run, the base first."""
+    return ([config.base_model] if config.base_model else []) + config.models
 
 
 class Search:
@@ -59,12 +98,13 @@ class Search:
 
     def __init__(self, config: RunConfig, *, allow_pickle: bool = False, trust_remote_code: bool = False):
         self.config = config
-        refs = ([config.base_model] if config.base_model else []) + config.models
+        refs = run_refs(config)
         for ref in refs:
             local_dir(ref)  # a missing model is reported as such, before the study is read
         db = None if sqlite_file_missing(config.storage) else self._open_database()
         existing = find_study(config, db, to_run=True) if db else None
         sqlite_lock = sqlite_worker_lock(config.storage, config.study_name)  # a second SQLite worker: refused now
+        check_chat_template(config, config.fitness)
         start = time.perf_counter()
         from evomerge.backends.build import make_backend  # torch, transformers, lm-eval
         from evomerge.fitness.evaluators import build_evaluator
@@ -79,7 +119,7 @@ class Search:
         if SOURCES not in self.study.user_attrs:
             self.study.set_user_attr(SOURCES, {ref: self.score_source(ref) for ref in refs})
         self.genome = Genome(config.search_space, config.models, config.base_model, self.backend.n_layers,
-                             config.tokenizer_source)
+                             config.tokenizer_source, config.chat_template)
         self.study.sampler = make_sampler(config, self.genome, self.db)
         self.worker = Worker(self.db, self.study, sqlite_lock)
 
