@@ -121,6 +121,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     from evomerge.export import prepare_out_dir, save_checkpoint
     from evomerge.merge.materialize import Materializer
+    from evomerge.model_card import study_evidence
     from evomerge.recipe import Recipe
 
     config = _config(args)
@@ -137,7 +138,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     materializer = Materializer.for_recipe(recipe, device=args.device or config.device,
                                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     materializer.apply(recipe)
-    out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code)
+    out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code,
+                          evidence=study_evidence(config, study, trial))
     print(f"trial {args.trial} ({trial.user_attrs.get('objectives', {})}) saved to {out}")
 
 

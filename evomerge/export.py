@@ -1,7 +1,8 @@
 """Saving a materialized candidate as an ordinary Hugging Face checkpoint: safetensors
 weights (under the names transformers saves, fused MoE experts split back), config,
-tokenizer with the chosen chat template, the tokenizer model's generation_config.json as it
-ships (eos lists and sampling defaults kept), the recipe, and the mergekit config when one exists.
+tokenizer with the chosen chat template (none where the sources ship none), the tokenizer model's
+generation_config.json as it ships (eos lists and sampling defaults kept), the recipe, the
+mergekit config when one exists, and a model card (evomerge.model_card).
 
 Writes into a temporary sibling directory and renames it at the end, so an interrupted
 export never leaves a half-written checkpoint under the requested name."""
@@ -18,7 +19,12 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from evomerge.errors import EvomergeError
 from evomerge.merge.materialize import Materializer
 from evomerge.mergekit_yaml import mergekit_yaml
+from evomerge.model_card import Evidence, model_card
 from evomerge.recipe import Recipe
+
+# Any one of them lets AutoTokenizer load a tokenizer (fast, sentencepiece, BPE or WordPiece vocabularies).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "tekken.json")
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
@@ -31,8 +37,9 @@ def prepare_out_dir(out: Path, force: bool) -> None:
 
 
 def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path, *, force: bool = False,
-                    trust_remote_code: bool = False) -> Path:
-    """Save the model `materializer.apply(recipe)` last returned (call it first)."""
+                    trust_remote_code: bool = False, evidence: Evidence | None = None) -> Path:
+    """Save the model `materializer.apply(recipe)` last returned (call it first), with its model card
+    (and `evidence` from the study in it, for a search's trial)."""
     out = Path(out)
     prepare_out_dir(out, force)
     try:
@@ -45,10 +52,16 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
                               state_dict=unshared_state_dict(model, materializer.inputs.layers_path))
         template = save_tokenizer(materializer, recipe, tmp, trust_remote_code)
         recipe.save(tmp / "recipe.yaml")
+        mergekit, no_mergekit = None, None
         try:
-            (tmp / "mergekit.yaml").write_text(mergekit_yaml(recipe, materializer.layer_prefixes(), template))
+            mergekit = mergekit_yaml(recipe, materializer.layer_prefixes(), template)
+            (tmp / "mergekit.yaml").write_text(mergekit)
         except EvomergeError as exc:
+            no_mergekit = str(exc)
             (tmp / "mergekit.yaml.txt").write_text(f"No mergekit equivalent: {exc}\n")
+        (tmp / "README.md").write_text(model_card(
+            recipe, name=out.name, config=model.config, source_dirs={r: s.path for r, s in materializer.sources.items()},
+            mergekit=mergekit, no_mergekit=no_mergekit, evidence=evidence))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -63,10 +76,19 @@ def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_
     vocabulary = materializer.inputs.vocabulary
     source = vocabulary.source if vocabulary else recipe.primary_model
     path = materializer.sources[source].path
+    if (path / "generation_config.json").is_file():
+        shutil.copyfile(path / "generation_config.json", out / "generation_config.json")
+    if vocabulary is None and not has_tokenizer(path):
+        if recipe.chat_template is not None:
+            raise EvomergeError(f"chat_template: model {source!r} ships no tokenizer to attach a chat template to")
+        print(f"note: model {source!r} ships no tokenizer files: weights and config written, no tokenizer")
+        return None
     tokenizer = vocabulary.tokenizer if vocabulary else _tokenizer(path, trust_remote_code)
     tokenizer.save_pretrained(out)
     template = recipe.chat_template
     if template in materializer.sources:
+        if not has_tokenizer(materializer.sources[template].path):
+            raise EvomergeError(f"chat_template: model {template!r} ships no tokenizer, so no chat template")
         template = _tokenizer(materializer.sources[template].path, trust_remote_code).chat_template
         if template is None:
             raise EvomergeError(f"chat_template: model {recipe.chat_template!r} has no chat template")
@@ -74,9 +96,13 @@ def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_
         saved = _tokenizer(out, trust_remote_code)  # a fresh copy: the source's tokenizer object stays as it is
         saved.chat_template = template
         saved.save_pretrained(out)
-    if (path / "generation_config.json").is_file():
-        shutil.copyfile(path / "generation_config.json", out / "generation_config.json")
     return template
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether a checkpoint folder ships tokenizer files (intermediate training checkpoints often do not:
+    transformers then fails deep inside AutoTokenizer, after the whole merge)."""
+    return any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def _tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
