@@ -214,3 +214,41 @@ def test_the_command_refuses_in_one_line(zoo, tmp_path, capsys):
 
 def test_a_recipe_yaml_still_loads_as_a_recipe():
     assert load_recipe("runs/examples/zoo_ties.yaml").to_dict() == Recipe.load("runs/examples/zoo_ties.yaml").to_dict()
+
+
+def test_a_search_space_starts_where_a_mergekit_config_is(zoo, tmp_path):
+    """x0: the config's gradient spread over the genome's layer groups (a group's mean), its scalars as they are,
+    a model it does not name at the genes' init; CMA-ES's first proposals sit there (tiny sigma0)."""
+    import optuna
+
+    from evomerge.search.cma_sampler import PyCmaSampler
+    from evomerge.search.genome import Genome, SearchSpace
+
+    config = tmp_path / "mk.yml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": f"{zoo}/base",
+        "models": [{"model": f"{zoo}/expert_rev", "parameters": {"weight": [0.2, 0.8], "density": 0.5}},
+                   {"model": f"{zoo}/expert_srt", "parameters": {"weight": 0.9, "density": 0.3}}],
+        "parameters": {"lambda": 1.2}}))
+    data = {"method": "dare_ties", "layer_granularity": 2, "x0": str(config),
+            "per_source": {"weight": {"low": 0, "high": 1.5, "init": 0.5}, "density": {"low": 0.01, "high": 1, "init": 0.6}},
+            "shared": {"lambda": {"low": 0.5, "high": 1.5, "init": 1.0}}}
+    space = SearchSpace.from_dict(data)
+    models = [f"{zoo}/expert_{s}" for s in ("rev", "srt", "cae")]
+    genome = Genome(space, models, f"{zoo}/base", n_layers=4)
+    rev = [0.2 + 0.6 * layer / 3 for layer in range(4)]  # t = layer / 3; embeddings and head at t = 0
+    expected = {"weight/s0/g0": (rev[0] + rev[1]) / 2, "weight/s0/g1": (rev[2] + rev[3]) / 2, "weight/s0/g2": 0.2,
+                **{f"density/s0/g{g}": 0.5 for g in range(3)}, **{f"weight/s1/g{g}": 0.9 for g in range(3)},
+                **{f"density/s1/g{g}": 0.3 for g in range(3)}, **{f"weight/s2/g{g}": 0.5 for g in range(3)},
+                **{f"density/s2/g{g}": 0.6 for g in range(3)}, **{f"lambda/g{g}": 1.2 for g in range(3)}}
+    assert genome.x0 == pytest.approx(expected, abs=1e-12)
+    study = optuna.create_study(sampler=PyCmaSampler(genome.distributions, seed=0, x0=genome.x0, sigma0=1e-6))
+    trial = study.ask(genome.distributions)
+    assert trial.params == pytest.approx(expected, abs=1e-4)
+
+    coarse = SearchSpace.from_dict({**data, "layer_granularity": None})
+    assert Genome(coarse, models, f"{zoo}/base", n_layers=4).x0["weight/s0"] == pytest.approx(sum(rev + [0.2]) / 5)
+    space_out = SearchSpace.from_dict({**data, "per_source": {"weight": {"low": 0, "high": 0.5}}})
+    with pytest.raises(EvomergeError, match=r"gene weight/s0/g1 would start at 0.7, outside its bounds \[0.0, 0.5\]"):
+        Genome(space_out, models, f"{zoo}/base", n_layers=4).x0
+

@@ -11,6 +11,13 @@ A search space YAML names a merge method and which of its parameters are evolved
     shared: {}                       # evolved method-wide options (per group), e.g. lambda
     options: {normalize: false}      # fixed method-wide options
     seed: 0                          # DARE/DELLA mask seed of every candidate
+    x0: my_merge.yml                 # optional: a recipe or mergekit config where CMA-ES's mean starts
+
+`x0` maps a hand-made merge into the genes (evomerge.mergekit_in reads mergekit's filters and
+gradients): each evolved parameter the config sets for a model of the run (matched by its
+reference) or method-wide starts at its value, a coarser gene at the mean of the layers it
+covers (the tensors outside the layers count as one layer); the other genes start at their
+`init`. A value outside its gene's bounds is refused. Only CMA-ES starts from x0.
 
 The genome is a flat dict of floats named `weight/s0` (source 0, whole model) or
 `weight/s0/g2` (source 0, group 2), and `lambda` or `lambda/g2` for shared genes, so the
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +56,10 @@ from optuna.distributions import FloatDistribution
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
-from evomerge.recipe import MERGED, Recipe, Route, Source, Step, n_groups
+from evomerge.recipe import MERGED, Recipe, Route, Source, Step, group_of, n_groups
 from evomerge.yamlio import check_keys, load_yaml_mapping
 
-_KEYS = {"method", "layer_granularity", "per_source", "shared", "options", "seed", "route", "description"}
+_KEYS = {"method", "layer_granularity", "per_source", "shared", "options", "seed", "route", "description", "x0"}
 _ROUTE_KEYS = {"sources", "repeats", "max_path_length", "indicator", "scaling", "scale"}
 SCALINGS = ("matrix", "per_layer", "none")
 
@@ -110,6 +118,7 @@ class SearchSpace:
     layer_granularity: int | None = None
     seed: int = 0
     route: RouteSpace | None = None
+    x0: str | None = None  # a recipe or mergekit config file (paths are relative to the working directory)
 
     @classmethod
     def load(cls, path: str | Path) -> "SearchSpace":
@@ -119,13 +128,17 @@ class SearchSpace:
     def from_dict(cls, data: dict[str, Any], where: str = "search space") -> "SearchSpace":
         check_keys(data, _KEYS, where)
         route = RouteSpace.from_dict(data["route"], "method" in data, f"{where}: route") if "route" in data else None
+        x0 = data.get("x0")
+        if x0 is not None and (not isinstance(x0, str) or not Path(x0).is_file()):
+            raise EvomergeError(f"{where}: x0: expected a recipe or mergekit config file, got {x0!r} (paths are "
+                                f"relative to {Path.cwd()})")
         if "method" not in data:
             if route is None:
                 raise EvomergeError(f"{where}: missing key 'method'")
             stray = sorted({"per_source", "shared", "options", "layer_granularity", "seed"} & set(data))
             if stray:
                 raise EvomergeError(f"{where}: {stray} describe a parameter-space merge; add its `method` or remove them")
-            return cls(None, {}, {}, {}, route=route)
+            return cls(None, {}, {}, {}, route=route, x0=x0)
         method = get_method(data["method"])
         granularity = data.get("layer_granularity")
         if granularity is not None and (not isinstance(granularity, int) or isinstance(granularity, bool) or granularity < 0):
@@ -141,7 +154,7 @@ class SearchSpace:
         seed = data.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise EvomergeError(f"{where}: seed must be an integer, got {seed!r}")
-        return cls(method.name, per_source, shared, options, granularity, seed, route)
+        return cls(method.name, per_source, shared, options, granularity, seed, route, x0)
 
 
 def _genes(data: Any, allowed: Any, where: str) -> dict[str, Gene]:
@@ -278,9 +291,49 @@ class Genome:
     def distributions(self) -> dict[str, FloatDistribution]:
         return {name: FloatDistribution(g.low, g.high) for name, g in self.genes.items()}
 
-    @property
+    @cached_property
     def x0(self) -> dict[str, float]:
-        return {name: g.init for name, g in self.genes.items()}
+        """Where the search starts: every gene's init, or the search space's x0 config mapped into the genes."""
+        x0 = {name: g.init for name, g in self.genes.items()}
+        if self.space.x0 is not None:
+            from evomerge.mergekit_in import load_recipe
+
+            x0.update(self.starting_genes(load_recipe(self.space.x0), f"x0 {self.space.x0}"))
+        return x0
+
+    def starting_genes(self, recipe: Recipe, where: str) -> dict[str, float]:
+        """The genes `recipe` sets (see the module docstring: by model reference and parameter name)."""
+        genes: dict[str, float] = {}
+        recipe.check_groups(self.n_layers)
+        if self.space.method is not None and recipe.method is not None:
+            unknown = [s.model for s in recipe.models if s.model not in self.models]
+            if unknown:
+                raise EvomergeError(f"{where}: model {unknown[0]!r} is not among the run's models {self.models}")
+            by_model = {s.model: s.parameters for s in recipe.models}
+            for i, model in enumerate(self.models):
+                for p in [p for p in self.space.per_source if p in by_model.get(model, {})]:
+                    genes.update(self._spread(f"{p}/s{i}", by_model[model][p], recipe.layer_granularity))
+            for o in [o for o in self.space.shared if o in recipe.parameters]:
+                genes.update(self._spread(o, recipe.parameters[o], recipe.layer_granularity))
+        if self.route is not None and recipe.route is not None:
+            genes.update(self.route.encode(recipe.route))
+        for name, value in genes.items():
+            gene = self.genes[name]
+            if not gene.low <= value <= gene.high:
+                raise EvomergeError(f"{where}: gene {name} would start at {value:.6g}, outside its bounds "
+                                    f"[{gene.low}, {gene.high}] in the search space")
+        return genes
+
+    def _spread(self, name: str, value: Any, granularity: int) -> dict[str, float]:
+        """A recipe value (scalar or per group of `granularity`) as this genome's gene(s) `name`[/gN]."""
+        per_layer = [float(value[group_of(layer, self.n_layers, granularity)]) if isinstance(value, list) else float(value)
+                     for layer in [*range(self.n_layers), None]]
+        if self.groups is None:
+            return {name: sum(per_layer) / len(per_layer)}
+        layers: dict[int, list[float]] = {}
+        for layer, v in zip([*range(self.n_layers), None], per_layer):
+            layers.setdefault(group_of(layer, self.n_layers, self.space.layer_granularity or 0), []).append(v)
+        return {f"{name}/g{g}": sum(vs) / len(vs) for g, vs in layers.items()}
 
     def _value(self, params: dict[str, float], name: str) -> float | list[float]:
         if self.groups is None:
