@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from conftest import EXAMPLES
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
+from evomerge.merge import METHODS
 from evomerge.mergekit_in import evaluate_setting, from_mergekit, load_recipe, read_layout
 from evomerge.mergekit_yaml import mergekit_yaml
-from evomerge.recipe import Recipe, Route, Step
+from evomerge.recipe import Recipe, Route, Source, Step
 
 MERGEKIT_YAML = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml") or "/work/venvs/mergekit/bin/mergekit-yaml"
 MERGEKIT_PYTHON = Path(MERGEKIT_YAML).parent / "python"
@@ -48,6 +49,20 @@ def test_every_example_round_trips_through_mergekit(example, layout):
         with pytest.raises(EvomergeError):  # no mergekit equivalent (scaled route; PS+DFS needs two configs)
             mergekit_yaml(recipe, prefixes(layout))
         return
+    back = read(yaml.safe_load(mergekit_yaml(recipe, prefixes(layout))), layout)
+    assert back.to_dict() == recipe.to_dict()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_round_trips_with_per_group_values(method, zoo, layout):
+    spec = METHODS[method]
+    experts = ("rev", "srt", "cae")[:spec.max_sources or 3]
+    sources = [Source(f"{zoo}/expert_{s}", {p: [0.3, 0.5, 0.4] if i == 0 else 0.1 + 0.2 * i for p in spec.source_params})
+               for i, s in enumerate(experts)]
+    options = {"t": [0.2, 0.7, 0.5]} if "t" in spec.options else {"normalize": True} if "normalize" in spec.options else {}
+    per_group = bool(spec.source_params) or "t" in options
+    recipe = Recipe(method=method, models=sources, base_model=f"{zoo}/base" if spec.needs_base else None,
+                    parameters=options, layer_granularity=2 if per_group else 0)
     back = read(yaml.safe_load(mergekit_yaml(recipe, prefixes(layout))), layout)
     assert back.to_dict() == recipe.to_dict()
 
