@@ -27,10 +27,11 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import get_method
+from evomerge.merge.methods import MergeMethod
 from evomerge.recipe import DTYPES, TOKENIZER_SOURCES, Recipe, Route, Source, Step
 from evomerge.yamlio import load_yaml_mapping
 
@@ -165,10 +166,10 @@ def resolve(name: str, scopes: list[Scope], tensor: str, t: float, numeric: bool
 
 @dataclass(frozen=True)
 class Slice:
-    """One output slice of a (non-passthrough) merge: layers [start, end) of every model, their own parameters."""
+    """One output slice of a merge: layers [start, end) of every model, and the parameters given there."""
 
     start: int
-    end: int
+    end: int  # -1: every layer (a `models:` config)
     models: dict[str, Scope]
     params: Scope
 
@@ -178,8 +179,10 @@ class MergekitConfig:
 
     def __init__(self, data: dict[str, Any], where: str, layout: Callable[[str], Layout]):
         self.data, self.where, self._layout = data, where, layout
-        for key in sorted(set(data) - _TOP_KEYS):
-            raise EvomergeError(f"{where}: unknown key {key!r} in a mergekit config; expected some of {sorted(_TOP_KEYS)}")
+        unknown = sorted(set(data) - _TOP_KEYS)
+        if unknown:
+            raise EvomergeError(f"{where}: unknown key {unknown[0]!r} in a mergekit config; expected some of "
+                                f"{sorted(_TOP_KEYS)}")
         for key, what in _UNSUPPORTED.items():
             if data.get(key) is not None:
                 raise EvomergeError(f"{where}: {key}: evomerge does not read {what}")
@@ -236,8 +239,9 @@ class MergekitConfig:
         key = f"slices[{i}]"
         if not isinstance(data, dict) or not isinstance(data.get("sources"), list) or not data["sources"]:
             raise EvomergeError(f"{self.where}: {key}: expected {{sources: [{{model: PATH, layer_range: [START, END]}}, ...]}}")
-        for extra in sorted(set(data) - {"sources", "parameters", "base_model", "residual_weight"}):
-            raise EvomergeError(f"{self.where}: {key}: unknown key {extra!r}")
+        unknown = sorted(set(data) - {"sources", "parameters", "base_model", "residual_weight"})
+        if unknown:
+            raise EvomergeError(f"{self.where}: {key}: unknown key {unknown[0]!r}")
         if data.get("residual_weight") is not None:
             raise EvomergeError(f"{self.where}: {key}.residual_weight: evomerge has no residual weighting of slices")
         if data.get("base_model") is not None and data["base_model"] != self.base:
@@ -266,7 +270,7 @@ class MergekitConfig:
         dtype, template = self._dtype(), self._chat_template()
         if self.method_name == "passthrough":
             return self._route(dtype, template)
-        method = get_method_named(self.method_name, self.where)
+        method = _method(self.method_name, self.where)
         tokenizer_source = self._tokenizer_source()
         self._check_slices()
         refs = list(self.slices[0].models)
@@ -278,8 +282,8 @@ class MergekitConfig:
             raise EvomergeError(f"{self.where}: base_model: mergekit's {method.name} adds it as an input without "
                                 "parameters; list it under models with its weight instead")
         self._check_params(method)
-        sources = [Source(ref, self._set(method, method.source_params, ref)) for ref in refs]
-        options = self._set(method, method.options, None)
+        sources = [Source(ref, self._set(method.source_params, ref)) for ref in refs]
+        options = self._set(method.options, None)
         granularity, sources, options = _coarsest(self.layout.n_layers, sources, options)
         recipe = Recipe(method=method.name, models=sources, base_model=self.base if method.needs_base else None,
                         parameters=options, layer_granularity=granularity, dtype=dtype,
@@ -303,7 +307,7 @@ class MergekitConfig:
         if self.slices[-1].end not in (-1, n):
             raise EvomergeError(f"{self.where}: slices end at layer {expected}, but the models have {n} layers")
 
-    def _check_params(self, method: Any) -> None:
+    def _check_params(self, method: MergeMethod) -> None:
         """Every parameter is one evomerge has, at a level where mergekit reads it."""
         per_model, shared = set(method.source_params), set(method.options) - {"rescale_mode"}
         model_scopes = [m for s in self.slices for m in s.models.values()]
@@ -337,7 +341,7 @@ class MergekitConfig:
             out.append((tensor, layer, s, (layer - start) / (end - start - 1) if end - start > 1 else 1))
         return out
 
-    def _set(self, method: Any, params: Any, ref: str | None) -> dict[str, list[Any]]:
+    def _set(self, params: Mapping[str, Any], ref: str | None) -> dict[str, list[Any]]:
         """The parameters the config sets (per layer, then the rest), for model `ref` or method-wide (None)."""
         values = {name: self._values(name, default, ref) for name, default in params.items() if name != "rescale_mode"}
         return {name: v for name, v in values.items() if v is not None}
@@ -414,7 +418,7 @@ class MergekitConfig:
         return recipe
 
 
-def get_method_named(name: Any, where: str) -> Any:
+def _method(name: Any, where: str) -> MergeMethod:
     try:
         return get_method(name)
     except EvomergeError as exc:
