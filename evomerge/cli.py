@@ -34,9 +34,9 @@ def _add_opt_in_flags(p: argparse.ArgumentParser) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from evomerge.export import prepare_out_dir, save_checkpoint
     from evomerge.merge.materialize import Materializer
-    from evomerge.recipe import Recipe
+    from evomerge.mergekit_in import load_recipe
 
-    recipe = Recipe.load(args.recipe)
+    recipe = load_recipe(args.recipe, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     prepare_out_dir(Path(args.out), args.force)  # fail before the slow part
     start = time.perf_counter()
     materializer = Materializer.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle,
@@ -128,6 +128,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from evomerge.export import prepare_out_dir, save_checkpoint
     from evomerge.merge.materialize import Materializer
     from evomerge.recipe import Recipe
+    from evomerge.search.report import study_evidence
 
     config = _config(args)
     study = _existing_study(config)
@@ -143,7 +144,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     materializer = Materializer.for_recipe(recipe, device=args.device or config.device,
                                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     materializer.apply(recipe)
-    out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code)
+    out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code,
+                          evidence=study_evidence(config, study, trial))
     print(f"trial {args.trial} ({trial.user_attrs.get('objectives', {})}) saved to {out}")
 
 
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="materialize a recipe YAML and save it as a Hugging Face checkpoint")
-    merge.add_argument("recipe", help="recipe YAML (see runs/examples/)")
+    merge.add_argument("recipe", help="recipe YAML (see runs/examples/) or a mergekit 0.1.x config")
     merge.add_argument("--out", required=True, help="output checkpoint directory")
     merge.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_loading_flags(merge)

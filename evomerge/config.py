@@ -81,7 +81,8 @@ class RunConfig:
         """What makes two commands the same study: resuming with a different one is refused.
         Like device and dtype, the backend is how trials are scored, not what they mean: both backends give
         the same scores (tests/test_backend_cli.py), so a study may be resumed on either."""
-        fingerprint = {"models": self.models, "base_model": self.base_model, "search_space": asdict(self.search_space),
+        space = {k: v for k, v in asdict(self.search_space).items() if k != "x0" or v is not None}  # as before x0 existed
+        fingerprint = {"models": self.models, "base_model": self.base_model, "search_space": space,
                        "fitness": self.fitness.fingerprint(), "sampler": self.sampler, "seed": self.seed}
         for key in ("tokenizer_source", "chat_template"):  # absent when unset, as in studies made before the keys
             if getattr(self, key) is not None:

@@ -1,7 +1,8 @@
 """Saving a materialized candidate as an ordinary Hugging Face checkpoint: safetensors
 weights (under the names transformers saves, fused MoE experts split back), config,
-tokenizer with the chosen chat template, the tokenizer model's generation_config.json as it
-ships (eos lists and sampling defaults kept), the recipe, and the mergekit config when one exists.
+tokenizer with the chosen chat template (none where the sources ship none), the tokenizer model's
+generation_config.json as it ships (eos lists and sampling defaults kept), the recipe, the
+mergekit config when one exists, and a model card (evomerge.model_card).
 
 Writes into a temporary sibling directory and renames it at the end, so an interrupted
 export never leaves a half-written checkpoint under the requested name."""
@@ -20,7 +21,12 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from evomerge.errors import EvomergeError
 from evomerge.merge.materialize import Materializer
 from evomerge.mergekit_yaml import mergekit_yaml
+from evomerge.model_card import Evidence, model_card
 from evomerge.recipe import Recipe
+
+# Any one of them lets AutoTokenizer load a tokenizer (fast, sentencepiece, BPE or WordPiece vocabularies).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "tekken.json")
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
@@ -33,8 +39,9 @@ def prepare_out_dir(out: Path, force: bool) -> None:
 
 
 def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path, *, force: bool = False,
-                    trust_remote_code: bool = False) -> Path:
-    """Save the model `materializer.apply(recipe)` last returned (call it first)."""
+                    trust_remote_code: bool = False, evidence: Evidence | None = None) -> Path:
+    """Save the model `materializer.apply(recipe)` last returned (call it first), with its model card
+    (and `evidence` from the study in it, for a search's trial)."""
     out = Path(out)
     prepare_out_dir(out, force)
     try:
@@ -47,10 +54,16 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
                               state_dict=unshared_state_dict(model, materializer.inputs.layers_path))
         template = save_tokenizer(materializer, recipe, tmp, trust_remote_code)
         recipe.save(tmp / "recipe.yaml")
+        mergekit, no_mergekit = None, None
         try:
-            (tmp / "mergekit.yaml").write_text(mergekit_yaml(recipe, materializer.layer_prefixes(), template))
+            mergekit = mergekit_yaml(recipe, materializer.layer_prefixes(), template)
+            (tmp / "mergekit.yaml").write_text(mergekit)
         except EvomergeError as exc:
+            no_mergekit = str(exc)
             (tmp / "mergekit.yaml.txt").write_text(f"No mergekit equivalent: {exc}\n")
+        (tmp / "README.md").write_text(model_card(
+            recipe, name=out.name, config=model.config, source_dirs={r: s.path for r, s in materializer.sources.items()},
+            mergekit=mergekit, no_mergekit=no_mergekit, evidence=evidence))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -65,6 +78,13 @@ def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_
     vocabulary = materializer.inputs.vocabulary
     source = vocabulary.source if vocabulary else recipe.primary_model
     path = materializer.sources[source].path
+    if (path / "generation_config.json").is_file():
+        shutil.copyfile(path / "generation_config.json", out / "generation_config.json")
+    if vocabulary is None and not has_tokenizer(path):
+        if recipe.chat_template is not None:
+            raise EvomergeError(f"chat_template: model {source!r} ships no tokenizer to attach a chat template to")
+        print(f"note: model {source!r} ships no tokenizer files: weights and config written, no tokenizer")
+        return None
     tokenizer = vocabulary.tokenizer if vocabulary else _tokenizer(path, trust_remote_code)
     tokenizer.save_pretrained(out)
     template = recipe.chat_template and chat_template(recipe, {r: s.path for r, s in materializer.sources.items()},
@@ -73,8 +93,6 @@ def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_
         saved = _tokenizer(out, trust_remote_code)  # a fresh copy: the source's tokenizer object stays as it is
         saved.chat_template = template
         saved.save_pretrained(out)
-    if (path / "generation_config.json").is_file():
-        shutil.copyfile(path / "generation_config.json", out / "generation_config.json")
     return template
 
 
@@ -86,6 +104,8 @@ def chat_template(recipe: Recipe, paths: Mapping[str, Path], trust_remote_code: 
     if template is None:
         return model_chat_template(paths[recipe.tokenizer_model], trust_remote_code)
     if template in paths:
+        if not has_tokenizer(paths[template]):
+            raise EvomergeError(f"chat_template: model {template!r} ships no tokenizer, so no chat template")
         found = model_chat_template(paths[template], trust_remote_code)
         if found is None:
             raise EvomergeError(f"chat_template: model {template!r} has no chat template")
@@ -95,8 +115,14 @@ def chat_template(recipe: Recipe, paths: Mapping[str, Path], trust_remote_code: 
 
 @functools.lru_cache(maxsize=64)
 def model_chat_template(path: Path, trust_remote_code: bool = False) -> str | dict | None:
-    """A checkpoint's own chat template (its tokenizer's), read once per folder."""
-    return _tokenizer(path, trust_remote_code).chat_template
+    """A checkpoint's own chat template (its tokenizer's; None without one), read once per folder."""
+    return _tokenizer(path, trust_remote_code).chat_template if has_tokenizer(path) else None
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether a checkpoint folder ships tokenizer files (intermediate training checkpoints often do not:
+    transformers then fails deep inside AutoTokenizer, after the whole merge)."""
+    return any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def _tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:

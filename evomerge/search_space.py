@@ -11,6 +11,13 @@ A search space YAML names a merge method and which of its parameters are evolved
     shared: {}                       # evolved method-wide options (per group), e.g. lambda
     options: {normalize: false}      # fixed method-wide options
     seed: 0                          # DARE/DELLA mask seed of every candidate
+    x0: my_merge.yml                 # optional: a recipe or mergekit config where CMA-ES's mean starts
+
+`x0` maps a hand-made merge into the genes (evomerge.mergekit_in reads mergekit's filters and
+gradients): each evolved parameter the config sets for a model of the run (matched by its
+reference) or method-wide starts at its value, a coarser gene at the mean of the layers it
+covers (the tensors outside the layers count as one layer); the other genes start at their
+`init`. A value outside its gene's bounds is refused. Only CMA-ES starts from x0.
 
 A `route:` section evolves layer routing (the paper's data-flow space), alone (no `method`)
 or on top of the parameter-space merge (PS+DFS):
@@ -47,7 +54,7 @@ from evomerge.merge.methods import get_method
 from evomerge.recipe import MERGED
 from evomerge.yamlio import check_keys, load_yaml_mapping
 
-_KEYS = {"method", "layer_granularity", "per_source", "shared", "options", "seed", "route", "description"}
+_KEYS = {"method", "layer_granularity", "per_source", "shared", "options", "seed", "route", "description", "x0"}
 _ROUTE_KEYS = {"sources", "repeats", "max_path_length", "indicator", "scaling", "scale"}
 SCALINGS = ("matrix", "per_layer", "none")
 
@@ -106,6 +113,7 @@ class SearchSpace:
     layer_granularity: int | None = None
     seed: int = 0
     route: RouteSpace | None = None
+    x0: str | None = None  # a recipe or mergekit config file (paths are relative to the working directory)
 
     @classmethod
     def load(cls, path: str | Path) -> "SearchSpace":
@@ -115,13 +123,17 @@ class SearchSpace:
     def from_dict(cls, data: dict[str, Any], where: str = "search space") -> "SearchSpace":
         check_keys(data, _KEYS, where)
         route = RouteSpace.from_dict(data["route"], "method" in data, f"{where}: route") if "route" in data else None
+        x0 = data.get("x0")
+        if x0 is not None and (not isinstance(x0, str) or not Path(x0).is_file()):
+            raise EvomergeError(f"{where}: x0: expected a recipe or mergekit config file, got {x0!r} (paths are "
+                                f"relative to {Path.cwd()})")
         if "method" not in data:
             if route is None:
                 raise EvomergeError(f"{where}: missing key 'method'")
             stray = sorted({"per_source", "shared", "options", "layer_granularity", "seed"} & set(data))
             if stray:
                 raise EvomergeError(f"{where}: {stray} describe a parameter-space merge; add its `method` or remove them")
-            return cls(None, {}, {}, {}, route=route)
+            return cls(None, {}, {}, {}, route=route, x0=x0)
         method = get_method(data["method"])
         granularity = data.get("layer_granularity")
         if granularity is not None and (not isinstance(granularity, int) or isinstance(granularity, bool) or granularity < 0):
@@ -137,7 +149,7 @@ class SearchSpace:
         seed = data.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise EvomergeError(f"{where}: seed must be an integer, got {seed!r}")
-        return cls(method.name, per_source, shared, options, granularity, seed, route)
+        return cls(method.name, per_source, shared, options, granularity, seed, route, x0)
 
 
 def _genes(data: Any, allowed: Any, where: str) -> dict[str, Gene]:

@@ -13,14 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "evomerge"
 # Top to bottom: a module may import its own layer and the layers below it. Names match a module
 # or anything under it; the longest match decides (evomerge.fitness.spec is a spec, not fitness).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("entry points", ("evomerge.cli", "evomerge.demo", "evomerge.zoo", "evomerge.model_card")),
+    ("entry points", ("evomerge.cli", "evomerge.demo", "evomerge.zoo")),
     ("search", ("evomerge.search",)),
     ("fitness", ("evomerge.fitness",)),
     ("backends", ("evomerge.backends",)),
     ("config", ("evomerge.config",)),
     ("merge and models", ("evomerge.merge", "evomerge.models", "evomerge.layouts", "evomerge.routing",
                           "evomerge.routing_layouts", "evomerge.vocab", "evomerge.export", "evomerge.mergekit_yaml",
-                          "evomerge.lora")),
+                          "evomerge.mergekit_in", "evomerge.model_card", "evomerge.lora")),
     ("specs", ("evomerge.recipe", "evomerge.search_space", "evomerge.merge.methods", "evomerge.fitness.spec",
                "evomerge.backends.vllm_options")),
     ("base", ("evomerge.errors", "evomerge.yamlio", "evomerge.refs", "evomerge.faults")),

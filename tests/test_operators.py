@@ -757,7 +757,8 @@ def test_random_merge_same_across_processes():
     name = "model.layers.3.mlp.down_proj.weight"
     code = (
         "import torch\n"
-        "from evomerge.merge import merge_tensor, tensor_generator\n"
+        "from evomerge.merge.registry import merge_tensor\n"
+        "from evomerge.merge.rng import tensor_generator\n"
         "base = torch.zeros(64)\n"
         "src = torch.arange(1, 65, dtype=torch.float32)\n"
         "out = merge_tensor('dare_linear', base, [src], [{'weight': 1.0, 'density': 0.5}], {'rescale': False},\n"
@@ -1077,8 +1078,8 @@ def test_params_length_mismatch_raises():
 def test_every_method_has_a_kernel_whatever_was_imported_first():
     """Method declarations are torch-free (evomerge.merge.methods) and name their kernel, which
     loads on first use, also when one operator module was imported before."""
-    code = ("import sys\nfrom evomerge.merge import METHODS\nassert 'torch' not in sys.modules\n"
-            "import torch, evomerge.merge.ties\nfrom evomerge.merge import merge_tensor\n"
+    code = ("import sys\nfrom evomerge.merge.methods import METHODS\nassert 'torch' not in sys.modules\n"
+            "import torch, evomerge.merge.ties\nfrom evomerge.merge.registry import merge_tensor\n"
             "from evomerge.merge.registry import kernel\n"
             "print(merge_tensor('linear', None, [torch.ones(2), torch.ones(2)], [{'weight': 1.0}] * 2).tolist(), "
             "all(callable(kernel(name)) for name in METHODS))\n")

@@ -13,12 +13,14 @@ on keeps the single largest slot, so every decoded route has 1..max_path_length 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cached_property
+from typing import Any
 
 from optuna.distributions import FloatDistribution
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.methods import get_method
-from evomerge.recipe import MERGED, Recipe, Route, Source, Step, is_template, n_groups
+from evomerge.recipe import MERGED, Recipe, Route, Source, Step, group_of, is_template, n_groups
 from evomerge.search_space import Gene, RouteSpace, SearchSpace
 
 def _check_models(method_name: str, models: list[str], base_model: str | None) -> None:
@@ -128,9 +130,49 @@ class Genome:
     def distributions(self) -> dict[str, FloatDistribution]:
         return {name: FloatDistribution(g.low, g.high) for name, g in self.genes.items()}
 
-    @property
+    @cached_property
     def x0(self) -> dict[str, float]:
-        return {name: g.init for name, g in self.genes.items()}
+        """Where the search starts: every gene's init, or the search space's x0 config mapped into the genes."""
+        x0 = {name: g.init for name, g in self.genes.items()}
+        if self.space.x0 is not None:
+            from evomerge.mergekit_in import load_recipe
+
+            x0.update(self.starting_genes(load_recipe(self.space.x0), f"x0 {self.space.x0}"))
+        return x0
+
+    def starting_genes(self, recipe: Recipe, where: str) -> dict[str, float]:
+        """The genes `recipe` sets (see the module docstring: by model reference and parameter name)."""
+        genes: dict[str, float] = {}
+        recipe.check_groups(self.n_layers)
+        if self.space.method is not None and recipe.method is not None:
+            unknown = [s.model for s in recipe.models if s.model not in self.models]
+            if unknown:
+                raise EvomergeError(f"{where}: model {unknown[0]!r} is not among the run's models {self.models}")
+            by_model = {s.model: s.parameters for s in recipe.models}
+            for i, model in enumerate(self.models):
+                for p in [p for p in self.space.per_source if p in by_model.get(model, {})]:
+                    genes.update(self._spread(f"{p}/s{i}", by_model[model][p], recipe.layer_granularity))
+            for o in [o for o in self.space.shared if o in recipe.parameters]:
+                genes.update(self._spread(o, recipe.parameters[o], recipe.layer_granularity))
+        if self.route is not None and recipe.route is not None:
+            genes.update(self.route.encode(recipe.route))
+        for name, value in genes.items():
+            gene = self.genes[name]
+            if not gene.low <= value <= gene.high:
+                raise EvomergeError(f"{where}: gene {name} would start at {value:.6g}, outside its bounds "
+                                    f"[{gene.low}, {gene.high}] in the search space")
+        return genes
+
+    def _spread(self, name: str, value: Any, granularity: int) -> dict[str, float]:
+        """A recipe value (scalar or per group of `granularity`) as this genome's gene(s) `name`[/gN]."""
+        per_layer = [float(value[group_of(layer, self.n_layers, granularity)]) if isinstance(value, list) else float(value)
+                     for layer in [*range(self.n_layers), None]]
+        if self.groups is None:
+            return {name: sum(per_layer) / len(per_layer)}
+        layers: dict[int, list[float]] = {}
+        for layer, v in zip([*range(self.n_layers), None], per_layer):
+            layers.setdefault(group_of(layer, self.n_layers, self.space.layer_granularity or 0), []).append(v)
+        return {f"{name}/g{g}": sum(vs) / len(vs) for g, vs in layers.items()}
 
     def _value(self, params: dict[str, float], name: str) -> float | list[float]:
         if self.groups is None:

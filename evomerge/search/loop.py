@@ -112,14 +112,15 @@ class Search:
         self.evaluator = build_evaluator(config.fitness, resolve_path(refs[0], allow_pickle=allow_pickle))
         self.backend = make_backend(config, refs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         self.load_seconds = time.perf_counter() - start
+        self.genome = Genome(config.search_space, config.models, config.base_model, self.backend.n_layers,
+                             config.tokenizer_source, config.chat_template)
+        self.genome.x0  # a search space's x0 config that does not fit is refused before a study exists
         self.db = db or self._open_database()
         self.study = existing or create_study(config, self.db, self.backend.n_layers)
         check_layers(self.study, self.backend.n_layers)
         self.scoring = make_scoring(config, self.evaluator, self.study, self.db)
         if SOURCES not in self.study.user_attrs:
             self.study.set_user_attr(SOURCES, {ref: self.score_source(ref) for ref in refs})
-        self.genome = Genome(config.search_space, config.models, config.base_model, self.backend.n_layers,
-                             config.tokenizer_source, config.chat_template)
         self.study.sampler = make_sampler(config, self.genome, self.db)
         self.worker = Worker(self.db, self.study, sqlite_lock)
 

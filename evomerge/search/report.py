@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import RunConfig
 from evomerge.search import held_out
+from evomerge.model_card import Evidence
 from evomerge.search.archive import (ArchiveEntry, completed, hypervolume, hypervolume_history, pareto_archive,
                                      source_objectives)
 from evomerge.search.attrs import ITEMS
@@ -339,3 +340,25 @@ def trial_line(n_done: int, total: int, record: dict[str, Any]) -> str:
         return f"trial {record['number']}: pruned after {record['items']} items (estimate {record['value']:.3g})"
     values = ", ".join(f"{k} {v:.3g}" for k, v in record["objectives"].items())
     return f"trial {record['number']} [{n_done}/{total}]: {values}"
+
+
+def study_evidence(config: RunConfig, study: optuna.Study, trial: FrozenTrial) -> Evidence:
+    """The evidence for `trial` as the study stores it: the sources' scores from when the study was made
+    (attrs.SOURCES), the trial's objectives, and each held-out spec scored for that trial (attrs.HELD_OUT)."""
+    made = settings(study)
+    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    fitness = Path(config.fitness_path).stem
+    evidence = Evidence(config.study_name, made.get("sampler", config.sampler), made.get("seed", config.seed),
+                        trial.number, n_complete, fitness)
+    specs = [(fitness, dict(trial.user_attrs.get("objectives", {})), source_objectives(study))]
+    for name, results in held_out.stored(study).items():
+        if trial.number in results:
+            held = {ref: r["objectives"] for ref, r in results.get(held_out.SOURCES_KEY, {}).items()}
+            specs.append((name, results[trial.number]["objectives"], held))
+    for name, merged, sources in specs:
+        objectives = list(dict.fromkeys([*merged, *(o for values in sources.values() for o in values)]))
+        evidence.columns += [(name, o) for o in objectives]
+        evidence.merged.update({(name, o): v for o, v in merged.items()})
+        for ref, values in sources.items():
+            evidence.sources.setdefault(ref, {}).update({(name, o): v for o, v in values.items()})
+    return evidence

@@ -1,0 +1,117 @@
+"""The model card (README.md) written beside every merged checkpoint, so publishing a merge keeps
+what made it: the Hub's metadata (base_model = the sources, base_model_relation: merge, tags,
+pipeline tag, a license only where every source declares the same one), the method and recipe,
+the mergekit config, and for a search's winner (`evomerge export`) how it was found and how it
+and its sources scored on the search fitness and on every held-out spec stored for that trial.
+
+The Hub builds its model tree and search from the front matter; it is written with
+huggingface_hub's own ModelCardData, so it reads back with `ModelCard.load`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from huggingface_hub import ModelCardData
+from huggingface_hub.repocard import metadata_load
+
+from evomerge.merge.methods import get_method
+from evomerge.recipe import Recipe
+
+MERGED_ROW = "this merge"
+
+
+@dataclass
+class Evidence:
+    """What a study says about one of its trials: how it was found, and scores per (spec, objective)
+    of the sources (by model ref) and of the trial itself."""
+
+    study: str
+    sampler: str
+    seed: int
+    trial: int
+    n_trials: int  # completed trials in the study
+    fitness: str  # the search fitness spec's name
+    columns: list[tuple[str, str]] = field(default_factory=list)  # (spec name, objective name)
+    sources: dict[str, dict[tuple[str, str], float]] = field(default_factory=dict)
+    merged: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+def pipeline_tag(config: Any) -> str | None:
+    """The Hub's task for the architecture: causal LMs generate text; a *ForConditionalGeneration
+    with a vision tower (Gemma 3, LLaVA, Qwen2-VL, ...) answers about images."""
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    if architecture.endswith("ForCausalLM"):
+        return "text-generation"
+    if architecture.endswith("ForConditionalGeneration") and getattr(config, "vision_config", None) is not None:
+        return "image-text-to-text"
+    return None
+
+
+def shared_license(source_dirs: Mapping[str, Path]) -> str | None:
+    """The license every source's own card declares, if they all declare the same one."""
+    licenses = set()
+    for path in source_dirs.values():
+        readme = Path(path) / "README.md"
+        metadata = metadata_load(readme) if readme.is_file() else None
+        licenses.add((metadata or {}).get("license"))
+    return licenses.pop() if len(licenses) == 1 and None not in licenses else None
+
+
+def card_data(recipe: Recipe, config: Any, source_dirs: Mapping[str, Path], reproduces_in_mergekit: bool) -> ModelCardData:
+    tags = ["merge", "evomerge", *(["mergekit"] if reproduces_in_mergekit else [])]
+    return ModelCardData(base_model=recipe.refs, library_name="transformers", license=shared_license(source_dirs),
+                         pipeline_tag=pipeline_tag(config), tags=tags, base_model_relation="merge")
+
+
+def model_card(recipe: Recipe, *, name: str, config: Any, source_dirs: Mapping[str, Path], mergekit: str | None,
+               no_mergekit: str | None = None, evidence: Evidence | None = None) -> str:
+    """README.md text for a merged checkpoint: `config` is its transformers config, `source_dirs` the sources'
+    folders (for their licenses), `mergekit` the mergekit YAML written beside it (else `no_mergekit`, why not)."""
+    random = recipe.method is not None and get_method(recipe.method).random
+    data = card_data(recipe, config, source_dirs, reproduces_in_mergekit=mergekit is not None and not random)
+    parts = [f"---\n{data.to_yaml()}\n---", f"# {name}", _method(recipe), "## Recipe",
+             f"evomerge's recipe (`evomerge merge recipe.yaml` rebuilds this model):\n\n```yaml\n{recipe.to_yaml()}```",
+             "## mergekit", _mergekit(mergekit, no_mergekit, random)]
+    if evidence is not None:
+        parts += ["## Search", _search(evidence)]
+    return "\n\n".join(parts) + "\n"
+
+
+def _method(recipe: Recipe) -> str:
+    lines = ["This is a merge of pre-trained language models made with evomerge (evolutionary search over merge recipes)."]
+    if recipe.method is not None:
+        method = get_method(recipe.method)
+        base = f" on base `{recipe.base_model}`" if recipe.base_model and method.needs_base else ""
+        lines.append(f"\nMethod: [{method.name}]({method.reference}){base}, of:\n")
+        lines += [f"- `{source.model}`" for source in recipe.models]
+    if recipe.route is not None:
+        models = list(dict.fromkeys(step.model for step in recipe.route.layers))
+        lines.append(f"\nLayer route (data-flow space): {len(recipe.route.layers)} decoder layers taken from "
+                     f"{', '.join(f'`{m}`' for m in models)}; embeddings and head from `{recipe.route.embed_from}`.")
+    return "\n".join(lines)
+
+
+def _mergekit(text: str | None, reason: str | None, random: bool) -> str:
+    if text is None:
+        return f"No mergekit equivalent: {reason}"
+    caveat = (" DARE/DELLA masks in mergekit come from its own random stream: its merge matches this one in "
+              "distribution, not bit for bit." if random else "")
+    return f"The same merge as a mergekit 0.1.x config (`mergekit.yaml`).{caveat}\n\n```yaml\n{text.rstrip()}\n```"
+
+
+def _search(evidence: Evidence) -> str:
+    head = (f"Trial {evidence.trial} of study `{evidence.study}` (sampler {evidence.sampler}, seed {evidence.seed}, "
+            f"{evidence.n_trials} completed trials). Scores of the sources and of this merge on the search fitness "
+            f"(`{evidence.fitness}`) and on every held-out spec it was scored on (`evomerge evaluate`):")
+    header = ["model", *(f"{spec}: {objective}" for spec, objective in evidence.columns)]
+    rows = [[f"`{ref}`", *(_cell(values.get(c)) for c in evidence.columns)] for ref, values in evidence.sources.items()]
+    rows.append([f"**{MERGED_ROW} (trial {evidence.trial})**", *(_cell(evidence.merged.get(c)) for c in evidence.columns)])
+    table = [header, ["---"] * len(header), *rows]
+    return head + "\n\n" + "\n".join("| " + " | ".join(row) + " |" for row in table)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
