@@ -211,7 +211,10 @@ def load_adapter(ref: str, path: Path, device: torch.device,
     """The adapter's base directory and its adapted tensors; `load_base(ref)` loads (or reuses) the base."""
     config = read_config(path, ref)
     base_ref = config["base_model_name_or_path"]
-    base_path, base = load_base(base_ref)
+    try:
+        base_path, base = load_base(base_ref)
+    except EvomergeError as exc:  # say which adapter named that base, and where
+        raise EvomergeError(f"adapter {ref!r} adapts {base_ref!r} (base_model_name_or_path in {CONFIG}): {exc}") from None
     if isinstance(base, AdapterTensors):
         raise EvomergeError(f"adapter {ref!r}: its base {base_ref!r} is an adapter too; merge that one into its "
                             "base first")

@@ -191,3 +191,30 @@ def test_cli_merge_of_adapters_writes_a_full_checkpoint(zoo, tmp_path):
     assert done.returncode == 0, done.stderr
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
     assert not _differing(written, _merged(recipe))
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_lorahub_config_runs_on_the_shipped_adapters(tmp_path):
+    """The LoraHub setting end to end: a few trials of runs/zoo_lorahub.yaml from the repo root."""
+    repo = Path(__file__).resolve().parents[1]
+    done = _cli("run", "runs/zoo_lorahub.yaml", "--n-trials", "3", "--quiet",
+                "--storage", f"sqlite:///{tmp_path / 'study.db'}", cwd=repo)
+    assert done.returncode == 0, done.stderr
+    assert "3 done / 3 budget, 0 failed" in done.stdout
+
+
+def test_adapter_whose_base_is_missing_is_one_line(zoo, tmp_path):
+    moved = tmp_path / "h1"
+    moved.mkdir()
+    (moved / "adapter_model.safetensors").write_bytes((zoo["h1"] / "adapter_model.safetensors").read_bytes())
+    config = json.loads((zoo["h1"] / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "./no/such/base"}))
+    recipe = Recipe.from_dict({"method": "linear", "models": [{"model": str(moved), "parameters": {"weight": 1.0}}]})
+    recipe.save(tmp_path / "recipe.yaml")
+    done = _cli("merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "adapts './no/such/base' (base_model_name_or_path" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
