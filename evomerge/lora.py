@@ -109,7 +109,7 @@ class AdapterTensors(Mapping[str, torch.Tensor]):
         """Tensors with the shapes and dtypes of the adapted ones, without building any: for checks."""
         return {**self.base, **self.replaced}
 
-    def renamed(self, names: Mapping[str, str], internal: Mapping[str, str]) -> "AdapterTensors":
+    def renamed(self, names: Mapping[str, str], internal: Mapping[str, str]) -> AdapterTensors:
         """Under other checkpoint names (`names`: new -> own name). Factors and replacements are keyed
         by the model's parameter names, as PEFT saves them; `internal` maps own names to those."""
         by_param = {internal[own]: new for new, own in names.items()}
@@ -160,7 +160,7 @@ def read_config(path: Path, ref: str) -> dict:
     return config
 
 
-def _pattern_value(patterns: Mapping[str, int | float], module: str, default: int | float) -> int | float:
+def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
     """PEFT's rule (get_pattern_key): the first pattern that matches the module name's end."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
