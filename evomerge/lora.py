@@ -60,7 +60,7 @@ class Factors:
         """PEFT's get_delta_weight, in its order (float32 for half-precision factors, as PEFT on a CPU)."""
         A, B = (f.float() if f.dtype in (torch.float16, torch.bfloat16) else f for f in (self.A, self.B))
         product = B @ A
-        return (product.T if self.fan_in_fan_out else product) * self.scaling
+        return (product.T if self.fan_in_fan_out else product).mul_(self.scaling)  # in place: the same rounding
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,10 @@ class AdapterTensors(Mapping[str, torch.Tensor]):
         factors = self.factors.get(name)
         if factors is None:
             return self.base[name]
-        base = self.base[name]
-        return (base if base.dtype == torch.float32 else base.float()) + factors.delta()
+        base, delta = self.base[name], factors.delta()
+        if base.dtype == torch.float64:
+            return base + delta
+        return delta.add_(base)  # in place (one tensor less to hold): delta + W is W + delta bit for bit
 
     def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
         """A re-indexed vocabulary tensor (tokenizer_source) replaces what the adapter gives there."""
