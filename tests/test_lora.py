@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from evomerge.errors import EvomergeError  # noqa: E402
+from evomerge.merge import METHODS  # noqa: E402
 from evomerge.merge.materialize import Materializer  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.zoo import build_tokenizer  # noqa: E402
@@ -218,3 +219,29 @@ def test_adapter_whose_base_is_missing_is_one_line(zoo, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "adapts './no/such/base' (base_model_name_or_path" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def dense(zoo, tmp_path_factory) -> dict[str, Path]:
+    """h1 and h2 merged into full checkpoints by PEFT itself."""
+    root = tmp_path_factory.mktemp("dense")
+    paths = {}
+    for name in ("h1", "h2"):
+        paths[name] = root / name
+        _peft(zoo, [name]).merge_and_unload().save_pretrained(paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"lora_linear"}))
+def test_every_method_merges_adapters_as_their_merged_checkpoints(zoo, dense, method):
+    """An adapter source is its PEFT-merged checkpoint to the bit, so every method gives the same merge."""
+    spec = METHODS[method]
+    names = ["h1"] if spec.max_sources == 1 else ["h1", "h2"]
+    params = {k: v for k, v in {"weight": 0.6, "density": 0.7}.items() if k in spec.source_params}
+
+    def recipe(paths: dict[str, Path]) -> Recipe:
+        return Recipe.from_dict({"method": method, "dtype": "float32", "base_model": str(zoo["base"]),
+                                 **({"parameters": {"t": 0.3}} if "t" in spec.options else {}),
+                                 "models": [{"model": str(paths[n]), "parameters": params} for n in names]})
+
+    assert not _differing(_merged(recipe(zoo)), _merged(recipe(dense)))
