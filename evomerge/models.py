@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from evomerge import lora
 from evomerge.errors import EvomergeError
 from evomerge.layouts import WeightMap, build_model, decoder_layers, text_config
 from evomerge.refs import resolve_path
@@ -100,10 +101,24 @@ def load_tensors(path: Path, ref: str, device: torch.device, *, allow_pickle: bo
     return tensors
 
 
-def load_source(ref: str, device: torch.device, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Source:
+def load_source(ref: str, device: torch.device, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                loaded: dict[Path, Source] | None = None) -> Source:
+    """A checkpoint, or a LoRA adapter folder standing for its base plus its delta (evomerge.lora). Sources
+    in `loaded` (by resolved directory) are reused, so adapters of one base and the base share its tensors."""
+    loaded = {} if loaded is None else loaded
     path = resolve_path(ref, allow_pickle=allow_pickle)
-    config = load_config(path, ref, trust_remote_code)
-    return Source(ref, path, config, load_tensors(path, ref, device, allow_pickle=allow_pickle))
+    if lora.is_adapter(path):
+        def load_base(base_ref: str) -> tuple[Path, dict[str, torch.Tensor]]:
+            base = load_source(base_ref, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                               loaded=loaded)
+            return base.path, base.tensors
+
+        base_path, tensors = lora.load_adapter(ref, path, device, load_base)
+        return Source(ref, base_path, loaded[base_path.resolve()].config, tensors)
+    if path.resolve() not in loaded:
+        config = load_config(path, ref, trust_remote_code)
+        loaded[path.resolve()] = Source(ref, path, config, load_tensors(path, ref, device, allow_pickle=allow_pickle))
+    return Source(ref, path, loaded[path.resolve()].config, loaded[path.resolve()].tensors)
 
 
 def check_architectures(sources: list[Source]) -> None:
@@ -151,14 +166,16 @@ def aligned(source: Source, reference: WeightMap, shell: PreTrainedModel) -> dic
     name a tensor differently (hub GPT-2 lacks the `transformer.` prefix), transformers loads both."""
     own = WeightMap(shell, source.tensors)
     by_internal = {own.internal[n]: n for n in own.names}
-    out = {}
+    names = {}
     for name in reference.names:
         theirs = by_internal.get(reference.internal[name])
         if theirs is None:
             raise EvomergeError(f"model {source.ref!r} lacks {name!r} (or its equivalent); the models are not "
                                 "the same architecture and size")
-        out[name] = source.tensors[theirs]
-    return out
+        names[name] = theirs
+    if isinstance(source.tensors, lora.AdapterTensors):
+        return source.tensors.renamed(names, own.internal)
+    return {name: source.tensors[theirs] for name, theirs in names.items()}
 
 
 class SourceSet:
@@ -168,8 +185,9 @@ class SourceSet:
 
     def __init__(self, refs: list[str], device: torch.device, *, allow_pickle: bool = False,
                  trust_remote_code: bool = False, tokenizer_source: str | None = None):
-        self.sources = {ref: load_source(ref, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-                        for ref in dict.fromkeys(refs)}
+        loaded: dict[Path, Source] = {}
+        self.sources = {ref: load_source(ref, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                         loaded=loaded) for ref in dict.fromkeys(refs)}
         listed = list(self.sources.values())
         check_architectures(listed)
         check_hidden_sizes(listed)
@@ -182,10 +200,11 @@ class SourceSet:
         self.n_layers = len(layers)
         self.tensors = {s.ref: aligned(s, self.weights, shell) for s in listed}
         self.vocab_rows = vocab_tensors(shell, self.weights)
+        stand_ins = {ref: lora.stand_in(tensors) for ref, tensors in self.tensors.items()}  # builds no adapter's delta
         for source in listed:
-            check_floating_point(source.ref, self.tensors[source.ref])
+            check_floating_point(source.ref, stand_ins[source.ref])
         for other in listed[1:]:
-            check_shapes(first, other, self.tensors, self.vocab_rows, rows_may_differ=tokenizer_source is not None)
+            check_shapes(first, other, stand_ins, self.vocab_rows, rows_may_differ=tokenizer_source is not None)
         self.vocabulary = None if tokenizer_source is None else self._reindex(tokenizer_source)
         self.shell = shell if self.vocabulary is None else build_model(self.config, torch.float32, "meta", trust_remote_code)
         self.weights.check(self.shell, {n: t.shape for n, t in self.reference.items()}, first.ref)
@@ -206,8 +225,8 @@ class SourceSet:
 
     @property
     def reference(self) -> dict[str, torch.Tensor]:
-        """The first model's tensors, whose names every source's tensors go by."""
-        return next(iter(self.tensors.values()))
+        """The first model's tensors (an adapter's stand-in: see evomerge.lora), whose names every source's tensors go by."""
+        return lora.stand_in(next(iter(self.tensors.values())))
 
     def check_loaded(self, refs: list[str]) -> None:
         unknown = [r for r in refs if r not in self.sources]

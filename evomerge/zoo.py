@@ -14,6 +14,10 @@ skills intact; without replay an expert forgets them and no merge can beat the b
 So a good merge, which transfers every expert's length generalisation at once, beats each
 expert on the mean of the skills, which is what the evolutionary search should find.
 
+Beside the experts, ``lora_<skill>`` are rank-8 LoRA adapters of the base (PEFT's format, float32
+factors on every linear projection) trained on the same mixtures: the sources of the LoraHub
+setting (``runs/zoo_lorahub.yaml``).
+
 Everything (data, init, thread count) is pinned, so a rebuild reproduces the shipped
 safetensors bit for bit on the same software stack.
 """
@@ -36,6 +40,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from evomerge import lora
 from evomerge.fitness.zoo_skills import (ALPHABET, EVAL_LENGTHS, EVAL_SEED, SKILLS, SPLIT_SEEDS, draw_index, encode,
                                          exact_match, example, make_examples, random_word, split_examples)
 
@@ -52,6 +57,7 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+LORA_MODELS = tuple(f"lora_{skill}" for skill in SKILLS)  # PEFT LoRA adapters of the base, one per skill
 
 TRAIN_SEED = 0
 INIT_SEED = 0
@@ -65,6 +71,10 @@ BASE_STEPS, BASE_LR = 600, 3e-3
 EXPERT_STEPS, EXPERT_LR = 150, 1e-3  # at 3e-4 the rev expert only reached ~70%
 BASE_SKILL_LENGTHS = (3, 5)
 COPY_LENGTHS = (3, 8)
+LORA_RANK, LORA_ALPHA = 8, 16
+LORA_STEPS, LORA_LR = 300, 1e-2  # low-rank factors need a larger step than full fine-tuning
+LORA_THREADS = 1  # tiny matmuls: one thread is as fast, and far faster on a busy host
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # A mixture is a list of (task, min_len, max_len), sampled uniformly.
 Mixture = Sequence[tuple[str, int, int]]
@@ -271,7 +281,7 @@ def build_zoo(
     steps_scale: float = 1.0,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Path]:
-    """Train the base and the three experts and save them to ``out_dir/<name>/``.
+    """Train the base, the three experts and a LoRA adapter per skill; save them to ``out_dir/<name>/``.
 
     About two minutes on two idle cores (much longer on an oversubscribed host, where the
     pinned threads contend). ``steps_scale`` shrinks every stage (for fast tests); the
@@ -299,7 +309,107 @@ def build_zoo(
         for skill in SKILLS:
             expert = copy.deepcopy(base)
             stage(f"expert_{skill}", expert, _expert_mixture(skill), EXPERT_STEPS, EXPERT_LR)
+    with _pinned_threads(LORA_THREADS), _quiet_progress_bars():
+        paths.update(build_lora_adapters(base, paths["base"], steps_scale=steps_scale, first_seed=len(paths),
+                                         log=lambda line: say(f"{line}, {time.perf_counter() - started:.1f}s")))
     return paths
+
+
+def build_lora_adapters(base: LlamaForCausalLM, base_dir: Path, *, steps_scale: float = 1.0, first_seed: int = 4,
+                        log: Callable[[str], None] = lambda _msg: None) -> dict[str, Path]:
+    """Train one LoRA adapter per skill on ``base`` (saved in ``base_dir``; its experts' mixture, replay
+    included) and save each beside the base in PEFT's format. Stage k's seeds are ``first_seed + k``:
+    build_zoo passes 4 (after the base and three experts), so the adapters follow the experts' streams."""
+    tokenizer = build_tokenizer()
+    paths = {}
+    for k, skill in enumerate(SKILLS):
+        name, steps, seed = f"lora_{skill}", max(1, round(LORA_STEPS * steps_scale)), first_seed + k
+        adapted, factors = _with_lora(base, seed=INIT_SEED + seed)
+        loss = _train(adapted, tokenizer, _expert_mixture(skill), steps=steps, lr=LORA_LR, seed=TRAIN_SEED + seed)
+        paths[name] = base_dir.parent / name
+        _save_lora(factors, base_dir, tokenizer, paths[name])
+        log(f"{name}: {steps} steps, loss {loss:.4f}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+
+
+class _LoraDelta(torch.nn.Module):
+    """A parametrization W -> W + B @ A * scaling: only A and B train, W stays the base's."""
+
+    def __init__(self, weight: torch.Tensor, generator: torch.Generator):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.A = torch.nn.Parameter(torch.empty(LORA_RANK, in_features))
+        self.B = torch.nn.Parameter(torch.zeros(out_features, LORA_RANK))  # PEFT's init: the adapter starts at W
+        bound = 1 / math.sqrt(in_features)  # PEFT's (and nn.Linear's) kaiming_uniform(a=sqrt(5)) for A
+        with torch.no_grad():
+            self.A.uniform_(-bound, bound, generator=generator)
+        self.scaling = LORA_ALPHA / LORA_RANK
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.B @ self.A * self.scaling
+
+
+def _with_lora(base: LlamaForCausalLM, seed: int) -> tuple[LlamaForCausalLM, dict[str, _LoraDelta]]:
+    """A frozen copy of `base` whose LORA_TARGETS carry trainable LoRA factors, by module name."""
+    from torch.nn.utils import parametrize
+
+    model = copy.deepcopy(base).requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LORA_TARGETS:
+            factors[name] = _LoraDelta(module.weight, generator)
+            parametrize.register_parametrization(module, "weight", factors[name])
+    return model, factors
+
+
+def _base_ref(path: Path) -> str:
+    """How an adapter names its base: relative to the repository root for the shipped zoo (as the
+    run configs name models), else the absolute path."""
+    try:
+        return str(path.resolve().relative_to(ZOO_DIR.parent.parent))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _save_lora(factors: dict[str, _LoraDelta], base: Path, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    """PEFT's adapter format (adapter_config.json, adapter_model.safetensors with float32 factors),
+    plus the tokenizer, so a run whose first model is an adapter finds one."""
+    from safetensors.torch import save_file
+
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    tensors = {}
+    for name, delta in factors.items():
+        tensors[f"{lora.PREFIX}{name}.lora_A.weight"] = delta.A.detach().clone().contiguous()
+        tensors[f"{lora.PREFIX}{name}.lora_B.weight"] = delta.B.detach().clone().contiguous()
+    save_file(tensors, path / lora.WEIGHTS, metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_ref(base),
+              "r": LORA_RANK, "lora_alpha": LORA_ALPHA, "target_modules": sorted(LORA_TARGETS), "lora_dropout": 0.0,
+              "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
+              "inference_mode": True}
+    (path / lora.CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(path)
+    for file in path.iterdir():
+        file.chmod(0o644)
+
+
+def _adapted_model(path: Path) -> LlamaForCausalLM:
+    """A zoo adapter's model in float32: the zoo's base beside it plus each LoRA delta (evomerge.lora's
+    arithmetic), wherever the caller runs from (the adapter names its base relative to the repository)."""
+    config = lora.read_config(path, str(path))
+    model = load_zoo_model(path.parent / "base")
+    factors, _ = lora.read_factors(path, str(path), config, torch.device("cpu"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, f in factors.items():
+            params[name].add_(f.delta())
+    return model
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -307,6 +417,8 @@ def build_zoo(
 
 def load_zoo_model(path: Path) -> LlamaForCausalLM:
     """Load a zoo checkpoint in float32, the precision the zoo is evaluated in."""
+    if lora.is_adapter(path):
+        return _adapted_model(path)
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
 

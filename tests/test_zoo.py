@@ -128,10 +128,18 @@ def test_reduced_build_is_bit_identical_and_restores_threads(tmp_path):
     first = zoo.build_zoo(tmp_path / "a", steps_scale=0.005, log=None)
     second = zoo.build_zoo(tmp_path / "b", steps_scale=0.005, log=None)
     assert torch.get_num_threads() == threads
-    assert list(first) == list(zoo.ZOO_MODELS)
+    assert list(first) == [*zoo.ZOO_MODELS, *zoo.LORA_MODELS]
     for name in zoo.ZOO_MODELS:
         assert (first[name] / "model.safetensors").read_bytes() == (
             second[name] / "model.safetensors"
+        ).read_bytes()
+    for name in zoo.LORA_MODELS:
+        a, b = (json.loads((built[name] / "adapter_config.json").read_text()) for built in (first, second))
+        assert a.pop("base_model_name_or_path") == str(first["base"].resolve())  # outside the repo: absolute
+        assert b.pop("base_model_name_or_path") == str(second["base"].resolve())
+        assert a == b
+        assert (first[name] / "adapter_model.safetensors").read_bytes() == (
+            second[name] / "adapter_model.safetensors"
         ).read_bytes()
     assert (first["base"] / "model.safetensors").read_bytes() != (
         first["expert_rev"] / "model.safetensors"
@@ -145,3 +153,36 @@ def test_full_build_reproduces_shipped_zoo(tmp_path):
         shipped, rebuilt = _tensors(zoo.ZOO_DIR / name), _tensors(built[name])
         assert shipped.keys() == rebuilt.keys()
         assert all(torch.equal(shipped[k], rebuilt[k]) for k in shipped), name
+    for name in zoo.LORA_MODELS:  # the factors; adapter_config.json names the --out base, not the shipped one
+        shipped = load_file(zoo.ZOO_DIR / name / "adapter_model.safetensors")
+        rebuilt = load_file(built[name] / "adapter_model.safetensors")
+        assert shipped.keys() == rebuilt.keys()
+        assert all(torch.equal(shipped[k], rebuilt[k]) for k in shipped), name
+
+
+def test_shipped_lora_adapters_are_small_peft_adapters_that_peft_loads():
+    peft = pytest.importorskip("peft")
+    base = zoo.ZOO_DIR / "base"
+    for name in zoo.LORA_MODELS:
+        path = zoo.ZOO_DIR / name
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "evomerge/zoo_models/base" and config["r"] == zoo.LORA_RANK
+        factors = load_file(path / "adapter_model.safetensors")
+        assert {t.dtype for t in factors.values()} == {torch.float32}
+        assert (path / "adapter_model.safetensors").stat().st_size < 400 * 2**10
+        model = peft.PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), path)
+        merged = model.merge_and_unload().state_dict()
+        ours = zoo.load_zoo_model(path).state_dict()
+        assert all(torch.equal(merged[k], ours[k]) for k in merged), name
+
+
+def test_each_lora_adapter_is_clearly_best_at_its_own_skill(tokenizer):
+    splits = {s: zoo.make_examples(s, EVAL_N, zoo.EVAL_SEED) for s in zoo.SKILLS}
+    names = ["base", *zoo.LORA_MODELS]
+    scores = {n: {s: zoo.exact_match(zoo.load_zoo_model(zoo.ZOO_DIR / n), tokenizer, splits[s]) for s in zoo.SKILLS}
+              for n in names}
+    for skill in zoo.SKILLS:
+        own = scores[f"lora_{skill}"][skill]
+        runner_up = max(scores[n][skill] for n in names if n != f"lora_{skill}")
+        assert own >= 0.8 and own - runner_up >= 0.2, (skill, scores)

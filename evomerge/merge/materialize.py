@@ -22,8 +22,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from evomerge import lora
 from evomerge.errors import EvomergeError
 from evomerge.layouts import build_model
+from evomerge.merge.methods import get_method
 from evomerge.merge.registry import merge_tensor
 from evomerge.merge.rng import TensorRNG
 from evomerge.models import SourceSet, default_device
@@ -43,6 +45,9 @@ def merged_tensors(recipe: Recipe, inputs: SourceSet,
     groups = tensor_groups(inputs, recipe.layer_granularity)
     base = inputs.tensors[recipe.base_model] if recipe.base_model else None
     sources = [inputs.tensors[s.model] for s in recipe.models]
+    if get_method(recipe.method).low_rank:  # the factor composition reads the adapters' factors, not dense tensors
+        sources = [{name: lora.low_rank_term(tensors, name, s.model) for name in groups}
+                   for tensors, s in zip(sources, recipe.models)]
     per_group = {}
     for name, group in groups.items():
         if group not in per_group:

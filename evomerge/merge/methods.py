@@ -26,6 +26,7 @@ class MergeMethod:
     min_sources: int = 1
     max_sources: int | None = None
     random: bool = False
+    low_rank: bool = False  # reads LoRA factors (evomerge.lora.LowRankTerm) instead of dense source tensors
 
 
 def _task_arithmetic_family(name: str, reference: str, kernel: str, *, sparse: bool, normalize: bool, rescale: bool,
@@ -45,6 +46,8 @@ _TIES, _DARE, _BREADCRUMBS, _DELLA = (f"https://arxiv.org/abs/{n}" for n in ("23
 METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("linear", "https://arxiv.org/abs/2203.05482", "linear:linear", {"weight": None}, {"normalize": True},
                 needs_base=False),
+    MergeMethod("lora_linear", "https://arxiv.org/abs/2307.13269", "lora_linear:lora_linear", {"weight": None},
+                needs_base=False, low_rank=True),
     MergeMethod("slerp", "https://en.wikipedia.org/wiki/Slerp", "slerp:slerp", {}, {"t": None}, max_sources=1),
     MergeMethod("model_stock", "https://arxiv.org/abs/2403.19522", "model_stock:model_stock", {}, {"filter_wise": False},
                 min_sources=2),

@@ -1,0 +1,247 @@
+"""LoRA adapters as sources, checked against PEFT itself: one adapter merged alone is PEFT's
+merge_and_unload() to the bit; a weighted sum of adapters' deltas is add_weighted_adapter("cat")
+merged; the factor composition (lora_linear) is add_weighted_adapter("linear") merged. Adapters
+are made by PEFT on small random float32 models (LLaMA, and GPT-2 for fan_in_fan_out's Conv1D)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from evomerge.errors import EvomergeError  # noqa: E402
+from evomerge.merge.methods import METHODS  # noqa: E402
+from evomerge.merge.materialize import Materializer  # noqa: E402
+from evomerge.recipe import Recipe  # noqa: E402
+from evomerge.zoo import build_tokenizer  # noqa: E402
+
+# name -> (LoraConfig kwargs, seed): rank/alpha patterns, rsLoRA and modules_to_save all covered
+ADAPTERS = {
+    "a1": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
+                alpha_pattern={"down_proj": 3}), 1),
+    "a2": (dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], use_rslora=True,
+                modules_to_save=["lm_head"]), 2),
+    # one rank layout and one scaling, as the factor composition needs
+    "h1": (dict(r=4, lora_alpha=4, target_modules=["q_proj", "o_proj", "gate_proj"]), 3),
+    "h2": (dict(r=4, lora_alpha=4, target_modules=["q_proj", "o_proj", "gate_proj"]), 4),
+    "h3": (dict(r=4, lora_alpha=4, target_modules=["q_proj", "gate_proj"]), 5),
+    "r2": (dict(r=2, lora_alpha=2, target_modules=["q_proj"]), 6),
+}
+
+
+def _adapter(base_dir: Path, out: Path, seed: int, model_cls=LlamaForCausalLM, **lora) -> Path:
+    torch.manual_seed(seed)
+    model = get_peft_model(model_cls.from_pretrained(base_dir), LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():  # B @ A comparable to the base weights somewhere, so rounding is exercised
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    build_tokenizer().save_pretrained(root / "base")  # an export writes the base's tokenizer
+    paths = {"base": root / "base"}
+    for name, (kwargs, seed) in ADAPTERS.items():
+        paths[name] = _adapter(root / "base", root / name, seed, **kwargs)
+    return paths
+
+
+def _recipe(method: str, paths: dict[str, Path], weights: dict[str, float], base: bool) -> Recipe:
+    return Recipe.from_dict({"method": method, "dtype": "float32",
+                             **({"base_model": str(paths["base"])} if base else {}),
+                             "models": [{"model": str(paths[n]), "parameters": {"weight": w}} for n, w in weights.items()]})
+
+
+def _merged(recipe: Recipe) -> dict[str, torch.Tensor]:
+    materializer = Materializer.for_recipe(recipe, device="cpu")
+    return {k: v.clone() for k, v in materializer.apply(recipe).state_dict().items()}
+
+
+def _peft(paths: dict[str, Path], names: list[str], model_cls=LlamaForCausalLM) -> PeftModel:
+    model = PeftModel.from_pretrained(model_cls.from_pretrained(paths["base"]), paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(paths[name], adapter_name=name)
+    return model
+
+
+def _weighted(paths, weights: dict[str, float], combination: str) -> dict[str, torch.Tensor]:
+    model = _peft(paths, list(weights))
+    model.add_weighted_adapter(list(weights), list(weights.values()), "mix", combination_type=combination)
+    model.set_adapter("mix")
+    return model.merge_and_unload(adapter_names=["mix"]).state_dict()
+
+
+def _differing(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> list[str]:
+    assert ours.keys() == theirs.keys()
+    return [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+
+
+@pytest.mark.parametrize("name", ["a1", "a2"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_one_adapter_is_peft_merge_and_unload_to_the_bit(zoo, name, method):
+    expected = _peft(zoo, [name]).merge_and_unload().state_dict()
+    ours = _merged(_recipe(method, zoo, {name: 1.0}, base=method == "task_arithmetic"))
+    assert not _differing(ours, expected)
+    base = LlamaForCausalLM.from_pretrained(zoo["base"]).state_dict()
+    assert _differing(ours, base)  # the adapter did change something
+
+
+def test_fan_in_fan_out_conv1d_adapter_is_peft_merge_and_unload(tmp_path):
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "base")
+    paths = {"base": tmp_path / "base"}
+    paths["g"] = _adapter(tmp_path / "base", tmp_path / "g", 7, GPT2LMHeadModel, r=4, lora_alpha=8,
+                          target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    assert json.loads((paths["g"] / "adapter_config.json").read_text())["fan_in_fan_out"]
+    expected = _peft(paths, ["g"], GPT2LMHeadModel).merge_and_unload().state_dict()
+    ours = _merged(_recipe("linear", paths, {"g": 1.0}, base=False))
+    assert not _differing({k: ours[k] for k in expected}, expected)
+
+
+def test_weighted_sum_of_deltas_is_peft_cat(zoo):
+    weights = {"a1": 0.7, "a2": -0.4, "h1": 1.3}
+    expected = _weighted(zoo, weights, "cat")
+    ours = _merged(_recipe("task_arithmetic", zoo, weights, base=True))
+    ours.pop("lm_head.weight"), expected.pop("lm_head.weight")  # a2's modules_to_save: PEFT's cat ignores it
+    for key in expected:  # one matmul over the concatenated ranks vs per-adapter deltas: rounding only
+        torch.testing.assert_close(ours[key], expected[key], rtol=0, atol=4 * torch.finfo(torch.float32).eps
+                                   * float(expected[key].abs().max()))
+    assert _differing(ours, expected)  # ... so not bit-identical: the bound above is what holds
+
+
+def test_factor_composition_is_peft_linear(zoo):
+    weights = {"h1": 0.5, "h2": 0.25, "h3": 0.75}  # PEFT takes square roots: give it w ** 2
+    expected = _weighted(zoo, {n: w * w for n, w in weights.items()}, "linear")
+    ours = _merged(_recipe("lora_linear", zoo, weights, base=False))
+    assert not _differing(ours, expected)  # exact square roots and scaling 1: PEFT's very arithmetic
+
+
+def test_factor_composition_keeps_cross_terms(zoo):
+    """(w1 B1 + w2 B2)(w1 A1 + w2 A2) is not w1 B1 A1 + w2 B2 A2 (the weighted sum of deltas)."""
+    weights = {"h1": 0.5, "h2": 0.5}
+    composed = _merged(_recipe("lora_linear", zoo, weights, base=False))
+    summed = _merged(_recipe("task_arithmetic", zoo, weights, base=True))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(composed[key], summed[key])
+    assert torch.equal(composed["model.embed_tokens.weight"], summed["model.embed_tokens.weight"])
+
+
+def test_sources_share_one_base_and_hold_only_factors(zoo):
+    materializer = Materializer.for_recipe(_recipe("task_arithmetic", zoo, {"a1": 1.0, "h1": 1.0, "h2": 1.0},
+                                                   base=True), device="cpu")
+    tensors = materializer.inputs.tensors
+    base = tensors[str(zoo["base"])]
+    for name in ("a1", "h1", "h2"):
+        adapter = tensors[str(zoo[name])]
+        assert all(adapter.base[k] is base[k] for k in base)  # one resident base for all of them
+        assert all(f.A.numel() < base[k].numel() for k, f in adapter.factors.items())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_dora": True}, "sets use_dora"),
+    ({"peft_type": "IA3"}, "is a IA3 adapter"),
+    ({"bias": "all"}, "trains biases"),
+    ({"base_model_name_or_path": None}, "names no base_model_name_or_path"),
+    ({"r": 8}, "rank 4, but adapter_config.json says r=8"),
+])
+def test_unsupported_adapters_are_refused_in_one_line(zoo, tmp_path, change, message):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_model.safetensors").write_bytes((zoo["h1"] / "adapter_model.safetensors").read_bytes())
+    config = {**json.loads((zoo["h1"] / "adapter_config.json").read_text()), **change}
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(EvomergeError, match=message):
+        Materializer([str(bad)], dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("weights, base, message", [
+    ({"h1": 1.0, "r2": 1.0}, False, "one rank layout"),
+    ({"a2": 1.0}, False, "modules_to_save"),
+    ({"h1": 1.0}, True, "is not a LoRA adapter"),
+])
+def test_factor_composition_refuses_what_has_no_shared_factors(zoo, weights, base, message):
+    recipe = _recipe("lora_linear", zoo, weights, base=False)
+    if base:
+        recipe.models.insert(0, type(recipe.models[0])(str(zoo["base"]), {"weight": 1.0}))
+    with pytest.raises(EvomergeError, match=message):
+        _merged(recipe)
+
+
+def test_cli_merge_of_adapters_writes_a_full_checkpoint(zoo, tmp_path):
+    recipe = _recipe("task_arithmetic", zoo, {"h1": 0.6, "h2": 0.4}, base=True)
+    recipe.save(tmp_path / "recipe.yaml")
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(tmp_path / "recipe.yaml"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    assert not _differing(written, _merged(recipe))
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_lorahub_config_runs_on_the_shipped_adapters(tmp_path):
+    """The LoraHub setting end to end: a few trials of runs/zoo_lorahub.yaml from the repo root."""
+    repo = Path(__file__).resolve().parents[1]
+    done = _cli("run", "runs/zoo_lorahub.yaml", "--n-trials", "3", "--quiet",
+                "--storage", f"sqlite:///{tmp_path / 'study.db'}", cwd=repo)
+    assert done.returncode == 0, done.stderr
+    assert "3 done / 3 budget, 0 failed" in done.stdout
+
+
+def test_adapter_whose_base_is_missing_is_one_line(zoo, tmp_path):
+    moved = tmp_path / "h1"
+    moved.mkdir()
+    (moved / "adapter_model.safetensors").write_bytes((zoo["h1"] / "adapter_model.safetensors").read_bytes())
+    config = json.loads((zoo["h1"] / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "./no/such/base"}))
+    recipe = Recipe.from_dict({"method": "linear", "models": [{"model": str(moved), "parameters": {"weight": 1.0}}]})
+    recipe.save(tmp_path / "recipe.yaml")
+    done = _cli("merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "adapts './no/such/base' (base_model_name_or_path" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def dense(zoo, tmp_path_factory) -> dict[str, Path]:
+    """h1 and h2 merged into full checkpoints by PEFT itself."""
+    root = tmp_path_factory.mktemp("dense")
+    paths = {}
+    for name in ("h1", "h2"):
+        paths[name] = root / name
+        _peft(zoo, [name]).merge_and_unload().save_pretrained(paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"lora_linear"}))
+def test_every_method_merges_adapters_as_their_merged_checkpoints(zoo, dense, method):
+    """An adapter source is its PEFT-merged checkpoint to the bit, so every method gives the same merge."""
+    spec = METHODS[method]
+    names = ["h1"] if spec.max_sources == 1 else ["h1", "h2"]
+    params = {k: v for k, v in {"weight": 0.6, "density": 0.7}.items() if k in spec.source_params}
+
+    def recipe(paths: dict[str, Path]) -> Recipe:
+        return Recipe.from_dict({"method": method, "dtype": "float32", "base_model": str(zoo["base"]),
+                                 **({"parameters": {"t": 0.3}} if "t" in spec.options else {}),
+                                 "models": [{"model": str(paths[n]), "parameters": params} for n in names]})
+
+    assert not _differing(_merged(recipe(zoo)), _merged(recipe(dense)))
