@@ -31,22 +31,37 @@ def _add_opt_in_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
 
 
-def cmd_merge(args: argparse.Namespace) -> None:
-    from evomerge.export import prepare_out_dir, save_checkpoint
-    from evomerge.merge.materialize import Materializer
-    from evomerge.recipe import Recipe
+def _merge_and_save(recipe, args: argparse.Namespace, device: str | None) -> str:
+    """Merge one recipe into `args.out`: streamed from disk (evomerge.merge.stream), or, for a route,
+    through the resident Materializer. Returns what was done, for the summary line."""
+    from evomerge.export import prepare_out_dir
 
-    recipe = Recipe.load(args.recipe)
     prepare_out_dir(Path(args.out), args.force)  # fail before the slow part
     start = time.perf_counter()
-    materializer = Materializer.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle,
+    if recipe.route is None:
+        from evomerge.merge.stream import stream_merge
+
+        out = stream_merge(recipe, args.out, device=device, allow_pickle=args.allow_pickle,
+                           trust_remote_code=args.trust_remote_code, force=args.force)
+        return f"streamed {len(recipe.refs)} models, merged and saved {out} in {time.perf_counter() - start:.2f} s"
+    from evomerge.export import save_checkpoint
+    from evomerge.merge.materialize import Materializer
+
+    materializer = Materializer.for_recipe(recipe, device=device, allow_pickle=args.allow_pickle,
                                            trust_remote_code=args.trust_remote_code)
     loaded = time.perf_counter()
     materializer.apply(recipe)
     merged = time.perf_counter()
     out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code)
-    print(f"{recipe.name}: loaded {len(materializer.sources)} models on {materializer.device} in {loaded - start:.2f} s, "
-          f"merged in {merged - loaded:.2f} s, saved {out} in {time.perf_counter() - merged:.2f} s")
+    return (f"loaded {len(materializer.sources)} models on {materializer.device} in {loaded - start:.2f} s, "
+            f"merged in {merged - loaded:.2f} s, saved {out} in {time.perf_counter() - merged:.2f} s")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from evomerge.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    print(f"{recipe.name}: {_merge_and_save(recipe, args, args.device)}")
 
 
 def _config(args: argparse.Namespace):
@@ -119,8 +134,6 @@ def _trial_numbers(text: str) -> list[int]:
 def cmd_export(args: argparse.Namespace) -> None:
     from optuna.trial import TrialState
 
-    from evomerge.export import prepare_out_dir, save_checkpoint
-    from evomerge.merge.materialize import Materializer
     from evomerge.recipe import Recipe
 
     config = _config(args)
@@ -133,12 +146,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     if trial.state != TrialState.COMPLETE:
         print(f"note: trial {args.trial} is {trial.state.name}, exporting its recipe anyway")
     recipe = Recipe.from_dict(json.loads(trial.user_attrs["recipe"]), where=f"trial {args.trial}")
-    prepare_out_dir(Path(args.out), args.force)
-    materializer = Materializer.for_recipe(recipe, device=args.device or config.device,
-                                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    materializer.apply(recipe)
-    out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code)
-    print(f"trial {args.trial} ({trial.user_attrs.get('objectives', {})}) saved to {out}")
+    done = _merge_and_save(recipe, args, args.device or config.device)
+    print(f"trial {args.trial} ({trial.user_attrs.get('objectives', {})}): {done}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from evomerge.errors import EvomergeError
 from evomerge.merge.materialize import Materializer
 from evomerge.mergekit_yaml import mergekit_yaml
+from evomerge.models import SourceSet
 from evomerge.recipe import Recipe
 
 
@@ -33,6 +35,16 @@ def prepare_out_dir(out: Path, force: bool) -> None:
 def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path, *, force: bool = False,
                     trust_remote_code: bool = False) -> Path:
     """Save the model `materializer.apply(recipe)` last returned (call it first)."""
+    model = materializer.model
+    return write_checkpoint(materializer.inputs, recipe, out, lambda tmp: model.save_pretrained(
+        tmp, safe_serialization=True, state_dict=unshared_state_dict(model, materializer.inputs.layers_path)),
+        force=force, trust_remote_code=trust_remote_code)
+
+
+def write_checkpoint(inputs: SourceSet, recipe: Recipe, out: str | Path, save_weights: Callable[[Path], None], *,
+                     force: bool = False, trust_remote_code: bool = False) -> Path:
+    """A checkpoint whose config and weights `save_weights(folder)` writes (from a resident candidate, or
+    streamed: evomerge.merge.stream), with the tokenizer, recipe and mergekit config of a merge of `inputs`."""
     out = Path(out)
     prepare_out_dir(out, force)
     try:
@@ -40,13 +52,11 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
     except OSError as exc:
         raise EvomergeError(f"cannot write in {out.parent}: {exc.strerror}") from None
     try:
-        model = materializer.model
-        model.save_pretrained(tmp, safe_serialization=True,
-                              state_dict=unshared_state_dict(model, materializer.inputs.layers_path))
-        template = save_tokenizer(materializer, recipe, tmp, trust_remote_code)
+        save_weights(tmp)
+        template = save_tokenizer(inputs, recipe, tmp, trust_remote_code)
         recipe.save(tmp / "recipe.yaml")
         try:
-            (tmp / "mergekit.yaml").write_text(mergekit_yaml(recipe, materializer.layer_prefixes(), template))
+            (tmp / "mergekit.yaml").write_text(mergekit_yaml(recipe, inputs.layer_prefixes(), template))
         except EvomergeError as exc:
             (tmp / "mergekit.yaml.txt").write_text(f"No mergekit equivalent: {exc}\n")
         if out.exists():
@@ -57,17 +67,17 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
     return out
 
 
-def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_remote_code: bool) -> str | None:
+def save_tokenizer(inputs: SourceSet, recipe: Recipe, out: Path, trust_remote_code: bool) -> str | None:
     """The merged model's tokenizer (a tokenizer_source's, else the primary model's), with the recipe's
     chat template, and that model's generation_config.json. Returns the chat template set, if any."""
-    vocabulary = materializer.inputs.vocabulary
+    vocabulary = inputs.vocabulary
     source = vocabulary.source if vocabulary else recipe.primary_model
-    path = materializer.sources[source].path
+    path = inputs.sources[source].path
     tokenizer = vocabulary.tokenizer if vocabulary else _tokenizer(path, trust_remote_code)
     tokenizer.save_pretrained(out)
     template = recipe.chat_template
-    if template in materializer.sources:
-        template = _tokenizer(materializer.sources[template].path, trust_remote_code).chat_template
+    if template in inputs.sources:
+        template = _tokenizer(inputs.sources[template].path, trust_remote_code).chat_template
         if template is None:
             raise EvomergeError(f"chat_template: model {recipe.chat_template!r} has no chat template")
     if template is not None:
