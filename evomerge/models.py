@@ -40,8 +40,8 @@ SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.j
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 MEMORY_ENV = "EVOMERGE_AVAILABLE_MEMORY"  # bytes a search may load its sources into, instead of what is free now
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 @dataclass
@@ -286,7 +286,7 @@ class SourceSet:
 
     def __init__(self, refs: list[str], device: torch.device, *, allow_pickle: bool = False,
                  trust_remote_code: bool = False, tokenizer_source: str | None = None, resident: bool = True):
-        self.device = device
+        self.device, self.resident = device, resident
         self.sources = {ref: load_source(ref, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                          resident=resident) for ref in dict.fromkeys(refs)}
         listed = list(self.sources.values())
@@ -313,13 +313,12 @@ class SourceSet:
         self.shapes = {n: t.shape for n, t in self.reference.items()}
         self.weights.check(self.shell, self.shapes, first.ref)
         self._reindexed: tuple[str, dict[str, torch.Tensor]] | None = None  # streamed: the last vocabulary tensor read
-        for source in listed:
-            if source.files is not None:
-                self.tensors[source.ref] = StreamedTensors(self, source.ref)
+        if not resident:
+            self.tensors = {s.ref: StreamedTensors(self, s.ref) for s in listed}
 
     def _reindex(self, tokenizer_source: str) -> None:
-        """The output vocabulary; every model's embedding and head rows re-indexed to it (a streamed
-        model's when they are read: here its meta tensors only take the new shape)."""
+        """The output vocabulary; every model's embedding and head rows re-indexed to it (streamed models'
+        when they are read, see `read`: here their meta tensors only take the new shape)."""
         from evomerge import vocab  # tokenizers load only when a recipe asks for a tokenizer_source
 
         base, name = next(iter(self.sources)), min(self.vocab_rows)  # any of them: they share their rows
@@ -327,16 +326,13 @@ class SourceSet:
         self.vocabulary = vocab.build_vocabulary(tokenizer_source, {r: s.path for r, s in self.sources.items()}, rows,
                                                  self.trust_remote_code)
         for name in self.vocab_rows:
-            for ref, tensor in self._reindexed_rows(name, {r: t[name] for r, t in self.tensors.items()}).items():
-                self.tensors[ref][name] = tensor
+            tensors = {r: t[name] for r, t in self.tensors.items()}
+            if self.resident:
+                tensors = vocab.reindex(self.vocabulary, tensors, base)
+            for ref, tensor in tensors.items():
+                self.tensors[ref][name] = tensor if self.resident else tensor.new_empty(
+                    (self.vocabulary.rows, *tensor.shape[1:]), device="meta")
         vocab.configure(self.config, self.vocabulary, self.sources[self.vocabulary.source].config)
-
-    def _reindexed_rows(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from evomerge import vocab
-
-        if any(t.is_meta for t in tensors.values()):
-            return {ref: t.new_empty((self.vocabulary.rows, *t.shape[1:])) for ref, t in tensors.items()}
-        return vocab.reindex(self.vocabulary, tensors, next(iter(self.sources)))
 
     def read(self, ref: str, name: str) -> torch.Tensor:
         """A streamed source's tensor `name` (a reference name), read from its file now; embedding and head
@@ -345,8 +341,11 @@ class SourceSet:
         if self.vocabulary is None or name not in self.vocab_rows:
             return self._read_file(ref, name)
         if self._reindexed is None or self._reindexed[0] != name:
+            from evomerge import vocab
+
             self._reindexed = None  # the previous tensor's rows go before the next are read
-            self._reindexed = (name, self._reindexed_rows(name, {r: self._read_file(r, name) for r in self.sources}))
+            tensors = {r: self._read_file(r, name) for r in self.sources}
+            self._reindexed = (name, vocab.reindex(self.vocabulary, tensors, next(iter(self.sources))))
         return self._reindexed[1][ref]
 
     def _read_file(self, ref: str, name: str) -> torch.Tensor:
@@ -358,7 +357,8 @@ class SourceSet:
 
     @property
     def reference(self) -> dict[str, torch.Tensor]:
-        """The first model's tensors, whose names every source's tensors go by."""
+        """The first model's tensors, whose names every source's tensors go by (streamed: each read from disk
+        when looked up; `shapes` has their shapes)."""
         return next(iter(self.tensors.values()))
 
     def check_loaded(self, refs: list[str]) -> None:

@@ -60,12 +60,12 @@ def assert_same_checkpoint(resident: Path, streamed: Path) -> None:
             assert (resident / name).read_bytes() == (streamed / name).read_bytes(), name
 
 
-def both(recipe: Recipe, folder: Path, **streaming) -> tuple[Path, Path]:
+def both(recipe: Recipe, folder: Path, allow_pickle: bool = False, **streaming) -> tuple[Path, Path]:
     """The recipe saved from the resident candidate (today's path) and streamed."""
-    materializer = Materializer.for_recipe(recipe, device="cpu")
+    materializer = Materializer.for_recipe(recipe, device="cpu", allow_pickle=allow_pickle)
     materializer.apply(recipe)
     resident = save_checkpoint(materializer, recipe, folder / "resident")
-    return resident, stream_merge(recipe, folder / "streamed", device="cpu", **streaming)
+    return resident, stream_merge(recipe, folder / "streamed", device="cpu", allow_pickle=allow_pickle, **streaming)
 
 
 ROUTE_FREE = [p for p in EXAMPLES if "route" not in yaml.safe_load(p.read_text())]
@@ -119,6 +119,17 @@ def test_a_union_vocabulary_and_a_chat_template_stream_to_the_same_bits(zoo, tmp
     assert checkpoint(streamed)["model.embed_tokens.weight"].shape[0] == 46
 
 
+def test_a_pickle_source_is_loaded_among_streamed_ones_and_merges_to_the_same_bits(zoo, tmp_path):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(zoo / "expert_srt", pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    recipe = Recipe.from_dict({"method": "ties", "base_model": str(zoo / "base"), "tokenizer_source": "base",
+                               "models": [{"model": str(m), "parameters": {"weight": 0.8, "density": 0.4}}
+                                          for m in (zoo / "expert_rev", pickled)]})
+    assert_same_checkpoint(*both(recipe, tmp_path, allow_pickle=True))
+
+
 def test_a_route_is_refused_by_the_streamer_and_merged_resident_by_the_cli(zoo, tmp_path):
     route = next(p for p in EXAMPLES if "route" in yaml.safe_load(p.read_text()))
     with pytest.raises(EvomergeError, match="resident Materializer"):
@@ -169,11 +180,10 @@ def test_a_streamed_merge_peaks_far_below_its_sources(zoo, tmp_path):
     merge code) stays under a third of the three sources' bytes; resident, it would be all of them."""
     paths = random_llama(tmp_path, zoo)
     total = sum((p / "model.safetensors").stat().st_size for p in paths)
-    recipe = tmp_path / "ties.yaml"
-    recipe.write_text(yaml.safe_dump({"method": "ties", "base_model": str(paths[0]), "dtype": "float32",
-                                      "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}}
-                                                 for p in paths[1:]]}))
-    baseline = peak_rss(REPO / "runs" / "examples" / "zoo_ties.yaml", tmp_path / "zoo_out")
+    recipe = tmp_path / "linear.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "linear", "dtype": "float32",
+                                      "models": [{"model": str(p), "parameters": {"weight": 1 / 3}} for p in paths]}))
+    baseline = peak_rss(REPO / "runs" / "examples" / "zoo_linear.yaml", tmp_path / "zoo_out")
     peak = peak_rss(recipe, tmp_path / "out")
     print(f"sources {total / 1e6:.0f} MB, peak RSS {peak / 1e6:.0f} MB, zoo baseline {baseline / 1e6:.0f} MB")
     assert peak - baseline < total / 3

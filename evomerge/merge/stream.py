@@ -68,11 +68,15 @@ def save_streamed(recipe: Recipe, inputs: SourceSet, shell: PreTrainedModel, fol
     buffers = sorted(set(kept) - {key_of[id(p)] for p in params.values()})
     if buffers:
         raise EvomergeError(f"{type(shell).__name__} saves buffers ({buffers[0]}), which a streamed merge cannot "
-                            "write; merge this architecture with a route-free recipe on the resident path")
+                            "write (no architecture evomerge was tried on has any): please report it")
     writer = ShardWriter(folder, revert_weight_conversion(shell, kept), max_shard_size, shell.num_parameters())
     pending: dict[str, dict[str, torch.Tensor]] = {}
     targets = inputs.weights.targets
-    out = lambda name: torch.empty(inputs.shapes[name], dtype=params[targets[name].param].dtype, device=inputs.device)
+
+    def out(name: str) -> torch.Tensor:
+        """The merged tensor in its parameter's dtype, as the resident candidate holds it."""
+        return torch.empty(inputs.shapes[name], dtype=params[targets[name].param].dtype, device=inputs.device)
+
     for name, tensor in merged_tensors(recipe, inputs, out=out):
         target = targets[name]
         if target.pattern is None:
