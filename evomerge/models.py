@@ -266,7 +266,7 @@ def aligned(source: Source, reference: WeightMap, shell: PreTrainedModel) -> dic
 class StreamedTensors(Mapping):
     """A streamed source's tensors under the reference names, each read from disk when looked up."""
 
-    def __init__(self, sources: "SourceSet", ref: str):
+    def __init__(self, sources: SourceSet, ref: str):
         self._sources, self._ref = sources, ref
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -20,7 +20,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import EXAMPLES, REPO
 from evomerge import models
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
@@ -29,6 +28,7 @@ from evomerge.merge.materialize import Materializer
 from evomerge.merge.stream import stream_merge
 from evomerge.models import MEMORY_ENV, memory_line
 from evomerge.recipe import Recipe
+from conftest import EXAMPLES, REPO
 from reliability.harness import write_config
 from test_families import FAMILIES, build
 from test_vocab import with_tokens
@@ -203,7 +203,7 @@ def test_memory_line_says_what_the_sources_take_and_refuses_past_what_is_availab
     refs = [str(zoo / m) for m in ("base", "expert_rev", "expert_srt", "expert_cae")]
     needed = zoo_bytes(zoo, 4)
     line = memory_line(refs, torch.device("cpu"), torch.float32)
-    assert f"4 source models take" in line and f"{needed} bytes needed" in line
+    assert "4 source models take" in line and f"{needed} bytes needed" in line
     assert int(line.split(", ")[-1].split()[0]) > needed  # this machine's MemAvailable, far more than the zoo
     monkeypatch.setenv(MEMORY_ENV, str(needed - 1))
     with pytest.raises(EvomergeError, match=f"{needed} bytes needed, {needed - 1} bytes available; a search cannot"):
