@@ -31,22 +31,39 @@ def _add_opt_in_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
 
 
-def cmd_merge(args: argparse.Namespace) -> None:
-    from evomerge.export import prepare_out_dir, save_checkpoint
-    from evomerge.merge.materialize import Materializer
-    from evomerge.mergekit_in import load_recipe
+def _merge_and_save(recipe, args: argparse.Namespace, device: str | None, evidence=None) -> str:
+    """Merge one recipe into `args.out`: streamed from disk (evomerge.merge.stream), or, for a route or LoRA
+    adapters (small: their base and factors), through the resident Materializer. Returns what was done,
+    for the summary line; `evidence` (a search's trial) goes into the model card."""
+    from evomerge.export import prepare_out_dir
 
-    recipe = load_recipe(args.recipe, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     prepare_out_dir(Path(args.out), args.force)  # fail before the slow part
     start = time.perf_counter()
-    materializer = Materializer.for_recipe(recipe, device=args.device, allow_pickle=args.allow_pickle,
+    from evomerge.merge.stream import stream_merge, streamable
+
+    if streamable(recipe, allow_pickle=args.allow_pickle):
+        out = stream_merge(recipe, args.out, device=device, allow_pickle=args.allow_pickle,
+                           trust_remote_code=args.trust_remote_code, force=args.force, evidence=evidence)
+        return f"streamed {len(recipe.refs)} models, merged and saved {out} in {time.perf_counter() - start:.2f} s"
+    from evomerge.export import save_checkpoint
+    from evomerge.merge.materialize import Materializer
+
+    materializer = Materializer.for_recipe(recipe, device=device, allow_pickle=args.allow_pickle,
                                            trust_remote_code=args.trust_remote_code)
     loaded = time.perf_counter()
     materializer.apply(recipe)
     merged = time.perf_counter()
-    out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code)
-    print(f"{recipe.name}: loaded {len(materializer.sources)} models on {materializer.device} in {loaded - start:.2f} s, "
-          f"merged in {merged - loaded:.2f} s, saved {out} in {time.perf_counter() - merged:.2f} s")
+    out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code,
+                          evidence=evidence)
+    return (f"loaded {len(materializer.sources)} models on {materializer.device} in {loaded - start:.2f} s, "
+            f"merged in {merged - loaded:.2f} s, saved {out} in {time.perf_counter() - merged:.2f} s")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from evomerge.mergekit_in import load_recipe
+
+    recipe = load_recipe(args.recipe, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    print(f"{recipe.name}: {_merge_and_save(recipe, args, args.device)}")
 
 
 def _config(args: argparse.Namespace):
@@ -125,8 +142,6 @@ def _trial_numbers(text: str) -> list[int]:
 def cmd_export(args: argparse.Namespace) -> None:
     from optuna.trial import TrialState
 
-    from evomerge.export import prepare_out_dir, save_checkpoint
-    from evomerge.merge.materialize import Materializer
     from evomerge.recipe import Recipe
     from evomerge.search.report import study_evidence
 
@@ -140,13 +155,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     if trial.state != TrialState.COMPLETE:
         print(f"note: trial {args.trial} is {trial.state.name}, exporting its recipe anyway")
     recipe = Recipe.from_dict(json.loads(trial.user_attrs["recipe"]), where=f"trial {args.trial}")
-    prepare_out_dir(Path(args.out), args.force)
-    materializer = Materializer.for_recipe(recipe, device=args.device or config.device,
-                                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    materializer.apply(recipe)
-    out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code,
-                          evidence=study_evidence(config, study, trial))
-    print(f"trial {args.trial} ({trial.user_attrs.get('objectives', {})}) saved to {out}")
+    done = _merge_and_save(recipe, args, args.device or config.device, study_evidence(config, study, trial))
+    print(f"trial {args.trial} ({trial.user_attrs.get('objectives', {})}): {done}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

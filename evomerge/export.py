@@ -14,14 +14,17 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from evomerge import lora
 from evomerge.errors import EvomergeError
 from evomerge.merge.materialize import Materializer
 from evomerge.mergekit_yaml import mergekit_yaml
 from evomerge.model_card import Evidence, model_card
+from evomerge.models import SourceSet
 from evomerge.recipe import Recipe
 
 # Any one of them lets AutoTokenizer load a tokenizer (fast, sentencepiece, BPE or WordPiece vocabularies).
@@ -42,6 +45,17 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
                     trust_remote_code: bool = False, evidence: Evidence | None = None) -> Path:
     """Save the model `materializer.apply(recipe)` last returned (call it first), with its model card
     (and `evidence` from the study in it, for a search's trial)."""
+    model = materializer.model
+    return write_checkpoint(materializer.inputs, recipe, out, lambda tmp: model.save_pretrained(
+        tmp, safe_serialization=True, state_dict=unshared_state_dict(model, materializer.inputs.layers_path)),
+        force=force, trust_remote_code=trust_remote_code, evidence=evidence)
+
+
+def write_checkpoint(inputs: SourceSet, recipe: Recipe, out: str | Path, save_weights: Callable[[Path], None], *,
+                     force: bool = False, trust_remote_code: bool = False, evidence: Evidence | None = None) -> Path:
+    """A checkpoint whose config and weights `save_weights(folder)` writes (from a resident candidate, or
+    streamed: evomerge.merge.stream), with the tokenizer, recipe, mergekit config and model card of a merge
+    of `inputs`."""
     out = Path(out)
     prepare_out_dir(out, force)
     try:
@@ -49,20 +63,22 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
     except OSError as exc:
         raise EvomergeError(f"cannot write in {out.parent}: {exc.strerror}") from None
     try:
-        model = materializer.model
-        model.save_pretrained(tmp, safe_serialization=True,
-                              state_dict=unshared_state_dict(model, materializer.inputs.layers_path))
-        template = save_tokenizer(materializer, recipe, tmp, trust_remote_code)
+        save_weights(tmp)
+        template = save_tokenizer(inputs, recipe, tmp, trust_remote_code)
         recipe.save(tmp / "recipe.yaml")
         mergekit, no_mergekit = None, None
         try:
-            mergekit = mergekit_yaml(recipe, materializer.layer_prefixes(), template)
+            adapters = [r for r, source in inputs.sources.items() if isinstance(source.tensors, lora.AdapterTensors)]
+            if adapters:
+                raise EvomergeError(f"model {adapters[0]!r} is a LoRA adapter, which mergekit names as BASE+ADAPTER: "
+                                    "not written by evomerge yet")
+            mergekit = mergekit_yaml(recipe, inputs.layer_prefixes(), template)
             (tmp / "mergekit.yaml").write_text(mergekit)
         except EvomergeError as exc:
             no_mergekit = str(exc)
             (tmp / "mergekit.yaml.txt").write_text(f"No mergekit equivalent: {exc}\n")
         (tmp / "README.md").write_text(model_card(
-            recipe, name=out.name, config=model.config, source_dirs={r: s.path for r, s in materializer.sources.items()},
+            recipe, name=out.name, config=inputs.config, source_dirs={r: s.path for r, s in inputs.sources.items()},
             mergekit=mergekit, no_mergekit=no_mergekit, evidence=evidence))
         if out.exists():
             shutil.rmtree(out)
@@ -72,12 +88,12 @@ def save_checkpoint(materializer: Materializer, recipe: Recipe, out: str | Path,
     return out
 
 
-def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_remote_code: bool) -> str | None:
+def save_tokenizer(inputs: SourceSet, recipe: Recipe, out: Path, trust_remote_code: bool) -> str | None:
     """The merged model's tokenizer (a tokenizer_source's, else the primary model's), with the recipe's
     chat template, and that model's generation_config.json. Returns the chat template set, if any."""
-    vocabulary = materializer.inputs.vocabulary
+    vocabulary = inputs.vocabulary
     source = vocabulary.source if vocabulary else recipe.primary_model
-    path = materializer.sources[source].path
+    path = inputs.sources[source].path
     if (path / "generation_config.json").is_file():
         shutil.copyfile(path / "generation_config.json", out / "generation_config.json")
     if vocabulary is None and not has_tokenizer(path):
@@ -87,7 +103,7 @@ def save_tokenizer(materializer: Materializer, recipe: Recipe, out: Path, trust_
         return None
     tokenizer = vocabulary.tokenizer if vocabulary else _tokenizer(path, trust_remote_code)
     tokenizer.save_pretrained(out)
-    template = recipe.chat_template and chat_template(recipe, {r: s.path for r, s in materializer.sources.items()},
+    template = recipe.chat_template and chat_template(recipe, {r: s.path for r, s in inputs.sources.items()},
                                                       trust_remote_code)
     if template is not None:
         saved = _tokenizer(out, trust_remote_code)  # a fresh copy: the source's tokenizer object stays as it is

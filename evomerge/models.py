@@ -6,17 +6,26 @@ one, else `model.safetensors` (pickle: `pytorch_model.bin[.index.json]`), never 
 the folder (Mistral ships a `consolidated.safetensors` in another naming beside its HF weights).
 A damaged file, a shard the index names but the folder lacks, or a quantized checkpoint is one
 line that says which file and what to do.
+
+Sources are resident (a search merges them again every trial) or streamed (a one-shot merge):
+a streamed source holds weightless "meta" tensors read from its safetensors headers, so every
+check below runs unchanged, and each real tensor is read from disk when the merge asks for it,
+through a file handle opened for that tensor only (an open memory map keeps every page it
+touched resident). `memory_line` sizes resident sources from the same headers before loading.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
@@ -30,16 +39,22 @@ if TYPE_CHECKING:
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+MEMORY_ENV = "EVOMERGE_AVAILABLE_MEMORY"  # bytes a search may load its sources into, instead of what is free now
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 @dataclass
 class Source:
-    """One model's weights resident on the merge device, under its checkpoint's names, with its config and directory."""
+    """One model's weights under its checkpoint's names, with its config and directory: resident on the
+    merge device, or (streamed) meta tensors plus the file each one is read from."""
 
     ref: str
     path: Path
     config: PretrainedConfig
     tensors: dict[str, torch.Tensor]
+    files: dict[str, Path] | None = None  # streamed: checkpoint name -> its safetensors file
 
 
 def load_config(path: Path, ref: str, trust_remote_code: bool) -> PretrainedConfig:
@@ -86,6 +101,12 @@ def _shards(path: Path, index: str, ref: str) -> list[Path]:
     return [path / n for n in names]
 
 
+def _damaged(ref: str, f: Path, exc: Exception) -> EvomergeError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return EvomergeError(f"model {ref!r}: cannot read {f.name} ({detail}); the file is damaged or "
+                         "incomplete: download the model again")
+
+
 def load_tensors(path: Path, ref: str, device: torch.device, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All weights of a checkpoint directory, in their stored dtype, on `device`."""
     files, pickled = weight_files(path, ref, allow_pickle)
@@ -95,16 +116,45 @@ def load_tensors(path: Path, ref: str, device: torch.device, *, allow_pickle: bo
             tensors.update(torch.load(f, map_location=device, weights_only=True) if pickled
                            else load_file(f, device=str(device)))
         except Exception as exc:  # safetensors and torch.load raise their own types for a damaged file
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EvomergeError(f"model {ref!r}: cannot read {f.name} ({detail}); the file is damaged or "
-                                "incomplete: download the model again") from None
+            raise _damaged(ref, f, exc) from None
     return tensors
 
 
+def tensor_headers(files: list[Path], ref: str) -> dict[str, tuple[torch.Tensor, Path]]:
+    """Every tensor of safetensors files as a meta tensor of its shape and dtype, with its file; reads headers only."""
+    out = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for name in handle.keys():
+                    info = handle.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(info.get_dtype())
+                    if dtype is None:
+                        raise EvomergeError(f"model {ref!r}: {f.name} stores {name} as {info.get_dtype()}, which "
+                                            "evomerge cannot read: use a checkpoint of floating-point weights")
+                    out[name] = (torch.empty(info.get_shape(), dtype=dtype, device="meta"), f)
+        except EvomergeError:
+            raise
+        except Exception as exc:
+            raise _damaged(ref, f, exc) from None
+    return out
+
+
+def read_tensor(ref: str, f: Path, name: str, device: torch.device) -> torch.Tensor:
+    """One tensor of a safetensors file, through a handle opened for it alone (see the module docstring)."""
+    try:
+        with safe_open(f, framework="pt", device=str(device)) as handle:
+            return handle.get_tensor(name)
+    except Exception as exc:
+        raise _damaged(ref, f, exc) from None
+
+
 def load_source(ref: str, device: torch.device, *, allow_pickle: bool = False, trust_remote_code: bool = False,
-                loaded: dict[Path, Source] | None = None) -> Source:
-    """A checkpoint, or a LoRA adapter folder standing for its base plus its delta (evomerge.lora). Sources
-    in `loaded` (by resolved directory) are reused, so adapters of one base and the base share its tensors."""
+                resident: bool = True, loaded: dict[Path, Source] | None = None) -> Source:
+    """A checkpoint, resident or (safetensors only: pickles are always loaded) streamed; or a LoRA adapter
+    folder standing for its base plus its delta (evomerge.lora; resident: its base and its factors).
+    Sources in `loaded` (by resolved directory) are reused, so adapters of one base and the base share
+    its tensors."""
     loaded = {} if loaded is None else loaded
     path = resolve_path(ref, allow_pickle=allow_pickle)
     if lora.is_adapter(path):
@@ -115,10 +165,79 @@ def load_source(ref: str, device: torch.device, *, allow_pickle: bool = False, t
 
         base_path, tensors = lora.load_adapter(ref, path, device, load_base)
         return Source(ref, base_path, loaded[base_path.resolve()].config, tensors)
-    if path.resolve() not in loaded:
+    key = path.resolve()
+    if key not in loaded:
         config = load_config(path, ref, trust_remote_code)
-        loaded[path.resolve()] = Source(ref, path, config, load_tensors(path, ref, device, allow_pickle=allow_pickle))
-    return Source(ref, path, loaded[path.resolve()].config, loaded[path.resolve()].tensors)
+        files, pickled = weight_files(path, ref, allow_pickle)
+        if resident or pickled:
+            loaded[key] = Source(ref, path, config, load_tensors(path, ref, device, allow_pickle=allow_pickle))
+        else:
+            headers = tensor_headers(files, ref)
+            loaded[key] = Source(ref, path, config, {n: t for n, (t, _) in headers.items()},
+                                 {n: f for n, (_, f) in headers.items()})
+    return Source(ref, path, loaded[key].config, loaded[key].tensors, loaded[key].files)
+
+
+def source_size(ref: str, *, allow_pickle: bool = False) -> tuple[int, int]:
+    """(elements, bytes) of a source's tensors once loaded in their stored dtype, read from its safetensors
+    headers without loading it (a pickle: its file size, and half as many elements, as if 16-bit; a LoRA
+    adapter: its factors, its base being a source of its own: see `resident_models`)."""
+    path = resolve_path(ref, allow_pickle=allow_pickle)
+    files, pickled = ([path / lora.WEIGHTS], False) if lora.is_adapter(path) else weight_files(path, ref, allow_pickle)
+    if pickled:
+        size = sum(f.stat().st_size for f in files)
+        return size // 2, size
+    tensors = [t for t, _ in tensor_headers(files, ref).values()]
+    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for tensors on `device` now (GPU: the driver's free memory; CPU: MemAvailable), or
+    $EVOMERGE_AVAILABLE_MEMORY where set (to leave room for other processes)."""
+    if os.environ.get(MEMORY_ENV):
+        try:
+            return int(float(os.environ[MEMORY_ENV]))
+        except ValueError:
+            raise EvomergeError(f"{MEMORY_ENV}={os.environ[MEMORY_ENV]!r}: expected a number of bytes") from None
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_line(refs: list[str], device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False) -> str:
+    """How much memory resident sources and one candidate of `dtype` (the first source's size) take on
+    `device`: a line to print, or a one-line refusal when that is more than is available (checked before
+    anything loads)."""
+    models = resident_models(refs, allow_pickle)
+    sizes = {ref: source_size(ref, allow_pickle=allow_pickle) for ref in models}
+    sources = sum(size for _, size in sizes.values())
+    candidate = max(elements for elements, _ in sizes.values()) * dtype.itemsize
+    needed, available = sources + candidate, available_memory(device)
+    text = (f"{len(sizes)} source models take {_size(sources)} and the candidate {_size(candidate)} on {device}: "
+            f"{needed} bytes needed, {available} bytes available")
+    if needed > available:
+        raise EvomergeError(f"{text}; a search cannot hold them resident: free memory, use fewer or smaller "
+                            "models, or merge one recipe with `evomerge merge`, which streams them")
+    return text
+
+
+def resident_models(refs: list[str], allow_pickle: bool = False) -> list[str]:
+    """What a search over `refs` holds: each model once (by folder), and each LoRA adapter's base beside it."""
+    models: dict[Path, str] = {}
+    for ref in refs:
+        path = resolve_path(ref, allow_pickle=allow_pickle)
+        if lora.is_adapter(path):
+            base = lora.read_config(path, ref)["base_model_name_or_path"]
+            models.setdefault(resolve_path(base, allow_pickle=allow_pickle).resolve(), base)
+        models.setdefault(path.resolve(), ref)
+    return list(models.values())
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def check_architectures(sources: list[Source]) -> None:
@@ -161,33 +280,55 @@ def check_shapes(first: Source, other: Source, tensors: dict[str, dict[str, torc
                             f"{tuple(tensor.shape)} vs {tuple(theirs.shape)}")
 
 
-def aligned(source: Source, reference: WeightMap, shell: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The source's tensors under the reference checkpoint's names: checkpoints of one architecture may
+def aligned(source: Source, reference: WeightMap, shell: PreTrainedModel) -> dict[str, str]:
+    """The source's own name of each reference checkpoint name: checkpoints of one architecture may
     name a tensor differently (hub GPT-2 lacks the `transformer.` prefix), transformers loads both."""
     own = WeightMap(shell, source.tensors)
     by_internal = {own.internal[n]: n for n in own.names}
-    names = {}
+    out = {}
     for name in reference.names:
         theirs = by_internal.get(reference.internal[name])
         if theirs is None:
             raise EvomergeError(f"model {source.ref!r} lacks {name!r} (or its equivalent); the models are not "
                                 "the same architecture and size")
-        names[name] = theirs
+        out[name] = theirs
+    return out
+
+
+def aligned_tensors(source: Source, names: dict[str, str], shell: PreTrainedModel) -> Mapping[str, torch.Tensor]:
+    """The source's tensors under the reference names (`names`: reference name -> the source's own)."""
     if isinstance(source.tensors, lora.AdapterTensors):
-        return source.tensors.renamed(names, own.internal)
+        return source.tensors.renamed(names, WeightMap(shell, source.tensors).internal)
     return {name: source.tensors[theirs] for name, theirs in names.items()}
 
 
+class StreamedTensors(Mapping):
+    """A streamed source's tensors under the reference names, each read from disk when looked up."""
+
+    def __init__(self, sources: SourceSet, ref: str):
+        self._sources, self._ref = sources, ref
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._sources.read(self._ref, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources.names[self._ref])
+
+    def __len__(self) -> int:
+        return len(self._sources.names[self._ref])
+
+
 class SourceSet:
-    """The source models of a merge, resident on one device, every tensor under the first model's
-    checkpoint names; the architecture's weight map and decoder layers, read from a weightless
-    ("meta") copy of the model; and the config of what they merge into."""
+    """The source models of a merge, resident on one device (or streamed to it: `resident=False`), every
+    tensor under the first model's checkpoint names; the architecture's weight map and decoder layers,
+    read from a weightless ("meta") copy of the model; and the config of what they merge into."""
 
     def __init__(self, refs: list[str], device: torch.device, *, allow_pickle: bool = False,
-                 trust_remote_code: bool = False, tokenizer_source: str | None = None):
+                 trust_remote_code: bool = False, tokenizer_source: str | None = None, resident: bool = True):
+        self.device, self.resident = device, resident
         loaded: dict[Path, Source] = {}
         self.sources = {ref: load_source(ref, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                                         loaded=loaded) for ref in dict.fromkeys(refs)}
+                                         resident=resident, loaded=loaded) for ref in dict.fromkeys(refs)}
         listed = list(self.sources.values())
         check_architectures(listed)
         check_hidden_sizes(listed)
@@ -198,34 +339,67 @@ class SourceSet:
         self.weights = WeightMap(shell, first.tensors)
         self.layers_path, layers = decoder_layers(shell)
         self.n_layers = len(layers)
-        self.tensors = {s.ref: aligned(s, self.weights, shell) for s in listed}
+        self.names = {s.ref: aligned(s, self.weights, shell) for s in listed}
+        self.tensors = {s.ref: aligned_tensors(s, self.names[s.ref], shell) for s in listed}
         self.vocab_rows = vocab_tensors(shell, self.weights)
         stand_ins = {ref: lora.stand_in(tensors) for ref, tensors in self.tensors.items()}  # builds no adapter's delta
         for source in listed:
             check_floating_point(source.ref, stand_ins[source.ref])
         for other in listed[1:]:
             check_shapes(first, other, stand_ins, self.vocab_rows, rows_may_differ=tokenizer_source is not None)
-        self.vocabulary = None if tokenizer_source is None else self._reindex(tokenizer_source)
+        self.vocabulary = None
+        if tokenizer_source is not None:
+            self._reindex(tokenizer_source)
         self.shell = shell if self.vocabulary is None else build_model(self.config, torch.float32, "meta", trust_remote_code)
-        self.weights.check(self.shell, {n: t.shape for n, t in self.reference.items()}, first.ref)
+        self.shapes = {n: t.shape for n, t in self.reference.items()}
+        self.weights.check(self.shell, self.shapes, first.ref)
+        self._reindexed: tuple[str, dict[str, torch.Tensor]] | None = None  # streamed: the last vocabulary tensor read
+        if not resident:
+            self.tensors = {s.ref: StreamedTensors(self, s.ref) for s in listed}
 
-    def _reindex(self, tokenizer_source: str):
-        """The output vocabulary; every model's embedding and head rows re-indexed to it."""
+    def _reindex(self, tokenizer_source: str) -> None:
+        """The output vocabulary; every model's embedding and head rows re-indexed to it (streamed models'
+        when they are read, see `read`: here their meta tensors only take the new shape)."""
         from evomerge import vocab  # tokenizers load only when a recipe asks for a tokenizer_source
 
         base, name = next(iter(self.sources)), min(self.vocab_rows)  # any of them: they share their rows
         rows = {ref: tensors[name].shape[0] for ref, tensors in self.tensors.items()}
-        vocabulary = vocab.build_vocabulary(tokenizer_source, {r: s.path for r, s in self.sources.items()}, rows,
-                                            self.trust_remote_code)
+        self.vocabulary = vocab.build_vocabulary(tokenizer_source, {r: s.path for r, s in self.sources.items()}, rows,
+                                                 self.trust_remote_code)
         for name in self.vocab_rows:
-            for ref, tensor in vocab.reindex(vocabulary, {r: t[name] for r, t in self.tensors.items()}, base).items():
-                self.tensors[ref][name] = tensor
-        vocab.configure(self.config, vocabulary, self.sources[vocabulary.source].config)
-        return vocabulary
+            tensors = {r: t[name] for r, t in self.tensors.items()}
+            if self.resident:
+                tensors = vocab.reindex(self.vocabulary, tensors, base)
+            for ref, tensor in tensors.items():
+                self.tensors[ref][name] = tensor if self.resident else tensor.new_empty(
+                    (self.vocabulary.rows, *tensor.shape[1:]), device="meta")
+        vocab.configure(self.config, self.vocabulary, self.sources[self.vocabulary.source].config)
+
+    def read(self, ref: str, name: str) -> torch.Tensor:
+        """A streamed source's tensor `name` (a reference name), read from its file now; embedding and head
+        rows re-indexed to a tokenizer_source's vocabulary, which needs every model's, so those are kept
+        until another name is read."""
+        if self.vocabulary is None or name not in self.vocab_rows:
+            return self._read_file(ref, name)
+        if self._reindexed is None or self._reindexed[0] != name:
+            from evomerge import vocab
+
+            self._reindexed = None  # the previous tensor's rows go before the next are read
+            tensors = {r: self._read_file(r, name) for r in self.sources}
+            self._reindexed = (name, vocab.reindex(self.vocabulary, tensors, next(iter(self.sources))))
+        return self._reindexed[1][ref]
+
+    def _read_file(self, ref: str, name: str) -> torch.Tensor:
+        source = self.sources[ref]
+        if source.files is None:  # a pickle among streamed sources is resident
+            return source.tensors[self.names[ref][name]]
+        theirs = self.names[ref][name]
+        return read_tensor(ref, source.files[theirs], theirs, self.device)
 
     @property
     def reference(self) -> dict[str, torch.Tensor]:
-        """The first model's tensors (an adapter's stand-in: see evomerge.lora), whose names every source's tensors go by."""
+        """The first model's tensors (an adapter's stand-in: see evomerge.lora), whose names every source's tensors
+        go by (streamed: each read from disk when looked up; `shapes` has their shapes)."""
         return lora.stand_in(next(iter(self.tensors.values())))
 
     def check_loaded(self, refs: list[str]) -> None:

@@ -22,10 +22,15 @@ def make_backend(config: RunConfig, refs: list[str], *, allow_pickle: bool = Fal
         return VllmBackend(refs, dtype=config.dtype, options=engine_options(config, refs[0], trust_remote_code),
                            device=config.device, routes=config.search_space.route is not None, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, tokenizer_source=config.tokenizer_source)
+    import torch
+
     from evomerge.backends.hf import HfBackend
     from evomerge.merge.materialize import Materializer
+    from evomerge.models import default_device, memory_line
     from evomerge.refs import resolve_path
 
+    device = torch.device(config.device) if config.device else default_device()
+    print(memory_line(refs, device, getattr(torch, config.dtype), allow_pickle=allow_pickle), flush=True)  # or a refusal
     materializer = Materializer(refs, dtype=config.dtype, device=config.device, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code, tokenizer_source=config.tokenizer_source)
     if config.search_space.route is not None:
