@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,19 @@ def test_each_lora_adapter_is_clearly_best_at_its_own_skill(tokenizer):
         own = scores[f"lora_{skill}"][skill]
         runner_up = max(scores[n][skill] for n in names if n != f"lora_{skill}")
         assert own >= 0.8 and own - runner_up >= 0.2, (skill, scores)
+
+
+@pytest.mark.skipif(not SLOW, reason="retraining the adapters takes minutes; set EVOMERGE_SLOW_TESTS=1")
+def test_lora_stage_reproduces_shipped_adapters_from_shipped_base(tmp_path):
+    """build_zoo's last stage on the shipped base (the float32 model it trains from is the shipped bf16
+    values), checked on its own, since the adapters can only match if the rebuilt base does."""
+    shutil.copytree(zoo.ZOO_DIR / "base", tmp_path / "base")
+    base = zoo._init_model(zoo.build_tokenizer())
+    base.load_state_dict({k: v.float() for k, v in _tensors(tmp_path / "base").items()}, strict=False)
+    with zoo._pinned_threads(zoo.LORA_THREADS):
+        built = zoo.build_lora_adapters(base.eval(), tmp_path / "base")
+    for name in zoo.LORA_MODELS:
+        shipped = load_file(zoo.ZOO_DIR / name / "adapter_model.safetensors")
+        rebuilt = load_file(built[name] / "adapter_model.safetensors")
+        assert shipped.keys() == rebuilt.keys()
+        assert all(torch.equal(shipped[k], rebuilt[k]) for k in shipped), name
