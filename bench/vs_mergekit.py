@@ -71,10 +71,10 @@ import torch
 from safetensors.torch import load_file
 
 from evomerge.merge import get_method, merge_tensor
-from evomerge.merge.materialize import Materializer
+from evomerge.merge.materialize import Materializer, tensor_groups
 from evomerge.merge.rng import TensorRNG
 from evomerge.mergekit_yaml import mergekit_yaml
-from evomerge.recipe import Recipe, Source, group_of, n_groups
+from evomerge.recipe import Recipe, Source, n_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _families import Family, FamilySpec, ensure_family  # noqa: E402
@@ -235,7 +235,7 @@ def keep_probability(recipe: Recipe, delta: torch.Tensor, params: dict[str, floa
 
 
 def compare_random(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], recipe: Recipe,
-                   sources: dict[str, dict[str, torch.Tensor]], n_layers: int) -> dict[str, Any]:
+                   sources: dict[str, dict[str, torch.Tensor]], groups: dict[str, int]) -> dict[str, Any]:
     """Statistics of (merged - base) per tool: exact-zero fraction (vs. expected) and mean |.|."""
     base = sources[recipe.base_model]
     experts = [sources[s.model] for s in recipe.models]
@@ -244,7 +244,7 @@ def compare_random(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor
     for name in sorted(set(ours) & set(theirs)):
         b = base[name].double()
         d_ours, d_theirs = ours[name].double() - b, theirs[name].double() - b
-        params = recipe.source_params(group_of(name, n_layers, recipe.layer_granularity))
+        params = recipe.source_params(groups[name])
         p_zero = torch.ones_like(b)
         for expert, p in zip(experts, params):
             delta = expert[name].double() - b
@@ -311,7 +311,7 @@ def bytes_moved(materializer: Materializer, recipe: Recipe) -> int:
     moved = 0
     for name, param in materializer.candidate.named_parameters():
         moved += param.numel() * param.element_size()
-        moved += sum(materializer.sources[r].tensors[name].numel() * materializer.sources[r].tensors[name].element_size()
+        moved += sum(materializer.inputs.tensors[r][name].numel() * materializer.inputs.tensors[r][name].element_size()
                      for r in refs)
     return moved
 
@@ -319,12 +319,14 @@ def bytes_moved(materializer: Materializer, recipe: Recipe) -> int:
 def naive_rebuild(materializer: Materializer, recipe: Recipe) -> torch.nn.Module:
     """A fresh model per candidate: deepcopy a template, merge into new tensors, load them."""
     model = copy.deepcopy(materializer.candidate)
-    base = materializer.sources[recipe.base_model].tensors if recipe.base_model else None
-    sources = [materializer.sources[s.model].tensors for s in recipe.models]
+    tensors = materializer.inputs.tensors
+    base = tensors[recipe.base_model] if recipe.base_model else None
+    sources = [tensors[s.model] for s in recipe.models]
+    groups = tensor_groups(materializer.inputs, recipe.layer_granularity)
     state = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            group = group_of(name, materializer.n_layers, recipe.layer_granularity)
+            group = groups[name]
             merged = merge_tensor(recipe.method, base[name] if base is not None else None, [s[name] for s in sources],
                                   recipe.source_params(group), recipe.options(group), TensorRNG(recipe.seed, name))
             state[name] = merged.to(param.dtype)
@@ -360,11 +362,12 @@ def bench_method(method: str, family: Family, materializer: Materializer, dtype:
             result["mergekit_error"] = error
         else:
             theirs = load_checkpoint(out)
-            tensors = {ref: src.tensors for ref, src in materializer.sources.items()}
+            tensors = materializer.inputs.tensors
             if not is_random(method):
                 result["agreement"] = compare_exact(ours, theirs)
             elif stats:
-                result["agreement"] = compare_random(ours, theirs, recipe, tensors, family.n_layers)
+                groups = tensor_groups(materializer.inputs, recipe.layer_granularity)
+                result["agreement"] = compare_random(ours, theirs, recipe, tensors, groups)
             else:
                 result["agreement"] = compare_l1_only(ours, theirs, tensors[recipe.base_model])
 
