@@ -34,25 +34,43 @@ class OrderStatistic(NamedTuple):
     ties: torch.Tensor  # positions of the keys equal to it, ascending: ranks below, below + 1, ...
 
 
-def order_statistic(keys: torch.Tensor, rank: int) -> OrderStatistic:
-    """The key of ascending rank `rank` (0-based) among non-negative integer `keys` (1-D): histograms
-    of 16-bit digits, top digit first, narrow the candidates; the last few are sorted."""
-    positions = torch.arange(keys.numel(), device=keys.device) if keys.numel() <= _SORT_BELOW else None
-    candidates, below, shift = keys, 0, keys.element_size() * 8
-    while positions is None or (candidates.numel() > _SORT_BELOW and shift > 0):
+def order_statistics(keys: torch.Tensor, ranks: list[int]) -> list[OrderStatistic]:
+    """The keys of ascending ranks `ranks` (0-based) among non-negative integer `keys` (1-D). A
+    histogram of the top 16 bits (shared by the ranks) picks each one's bucket; histograms of the
+    next 16 bits narrow the bucket's candidates; the last few are sorted."""
+    if keys.numel() <= _SORT_BELOW:
+        everything = torch.arange(keys.numel(), device=keys.device)
+        return [_sorted_statistic(keys, rank, everything, 0) for rank in ranks]
+    shift = keys.element_size() * 8 - _DIGIT
+    digits = keys >> shift if shift else keys
+    counts = torch.bincount(digits, minlength=1 << _DIGIT)
+    reached = counts.cumsum(0)
+    found = []
+    for rank in ranks:
+        digit = int(torch.searchsorted(reached, rank, right=True))
+        below = int(reached[digit]) - int(counts[digit])
+        found.append(_narrow(keys, rank, (digits == digit).nonzero().squeeze(1), below, shift))
+    return found
+
+
+def _narrow(keys: torch.Tensor, rank: int, positions: torch.Tensor, below: int, shift: int) -> OrderStatistic:
+    """Select among the candidates at `positions` (all keys agree above bit `shift`; `below` keys are smaller)."""
+    candidates = keys[positions]
+    while candidates.numel() > _SORT_BELOW and shift > 0:
         shift -= _DIGIT
-        digits = candidates >> shift if shift else candidates
-        if shift + _DIGIT < keys.element_size() * 8:
-            digits = digits & ((1 << _DIGIT) - 1)
+        digits = (candidates >> shift) & ((1 << _DIGIT) - 1)
         counts = torch.bincount(digits, minlength=1 << _DIGIT)
         reached = counts.cumsum(0)
         digit = int(torch.searchsorted(reached, rank - below, right=True))
         below += int(reached[digit]) - int(counts[digit])
-        chosen = digits == digit
-        positions = chosen.nonzero().squeeze(1) if positions is None else positions[chosen]
+        positions = positions[digits == digit]
         candidates = keys[positions]
-    if shift == 0:  # every digit matched: all candidates are equal
+    if shift == 0:  # every bit matched: the candidates are all equal
         return OrderStatistic(candidates[0], below, positions)
+    return _sorted_statistic(candidates, rank, positions, below)
+
+
+def _sorted_statistic(candidates: torch.Tensor, rank: int, positions: torch.Tensor, below: int) -> OrderStatistic:
     ordered, order = torch.sort(candidates, stable=True)
     value = ordered[rank - below]
     first, stop = int(torch.searchsorted(ordered, value)), int(torch.searchsorted(ordered, value, right=True))
@@ -67,7 +85,7 @@ def rank_band(keys: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=keys.device)
     if lo == 0 and hi == n:
         return torch.ones(n, dtype=torch.bool, device=keys.device)
-    first, last = order_statistic(keys, lo), order_statistic(keys, hi - 1)
+    first, last = order_statistics(keys, [lo, hi - 1])
     if bool(first.value == last.value):
         mask = torch.zeros(n, dtype=torch.bool, device=keys.device)
         mask[first.ties[lo - first.below: hi - first.below]] = True
@@ -85,7 +103,7 @@ def largest(keys: torch.Tensor, k: int) -> torch.Tensor:
     k = max(0, min(k, n))
     if k == 0 or k == n:
         return torch.full((n,), k == n, dtype=torch.bool, device=keys.device)
-    threshold = order_statistic(keys, n - k)
+    (threshold,) = order_statistics(keys, [n - k])
     mask = keys > threshold.value
     greater = n - threshold.below - threshold.ties.numel()
     mask[threshold.ties[: k - greater]] = True
