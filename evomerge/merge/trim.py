@@ -20,7 +20,7 @@ import torch
 
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DIGIT = 16  # bits per histogram
-_SORT_BELOW = 1 << 14  # candidates this few are sorted: cheaper than a 65536-bin histogram
+_SORT_BELOW = 1 << 12  # candidates this few are sorted: cheaper than a 65536-bin histogram (measured)
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
