@@ -25,17 +25,20 @@ RESCALE_MODES = ("l1", "inverse_density")
 
 
 def rescale_masked(delta: torch.Tensor, mask: torch.Tensor, density: float, mode: str | None) -> torch.Tensor:
-    """Apply the mask; with `l1` (mergekit's rescale) restore the L1 norm the delta had, with
-    `inverse_density` (the DARE paper's) divide the kept entries by the density."""
-    masked = delta * mask
-    if mode is None:
-        return masked
+    """Apply the mask to `delta`, in place; with `l1` (mergekit's rescale) restore the L1 norm the
+    delta had, with `inverse_density` (the DARE paper's) divide the kept entries by the density.
+    A bool mask is made a 0/1 tensor of delta's dtype first: multiplying by a bool tensor goes
+    through a per-element cast, 2-3x slower (measured), for the same bits."""
+    before = delta.abs().sum() if mode == "l1" else None
+    delta.mul_(mask.to(delta.dtype))
     if mode == "inverse_density":
-        return masked / density
-    before, after = delta.abs().sum(), masked.abs().sum()
+        return delta.div_(density)
+    if mode is None:
+        return delta
+    after = delta.abs().sum()
     if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+        return delta
+    return delta.mul_(before / after)
 
 
 def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
@@ -63,9 +66,10 @@ def _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) 
     deltas = torch.empty((len(sources), *base.shape), dtype=dtype, device=base.device)
     base_c = base.to(dtype)
     for i, (source, p) in enumerate(zip(sources, params)):
-        delta = source.to(dtype) - base_c
+        delta = deltas[i].copy_(source).sub_(base_c)
         mask = sparsifier(delta, p, rng.stream(i) if rng is not None else None)
-        deltas[i] = delta if mask is None else rescale_masked(delta, mask, p["density"], rescale_mode)
+        if mask is not None:
+            rescale_masked(delta, mask, p["density"], rescale_mode)
     return deltas
 
 
