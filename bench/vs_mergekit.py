@@ -31,9 +31,10 @@ mean |merged - base| (whole model, and the worst tensor of >= 4096 entries).
 
 Speed (on the zoo, and on a random-weight LLaMA family of ~134M parameters, bf16, built
 under bench/out/ on first use and reused after). Per method:
-  * in-place: `materializer.apply(recipe)` with all sources already resident; median of
-    repeats after one warm-up (fewer repeats for slow methods; a call slower than the
-    repeat budget is timed once, without a warm-up: "1*" in the tables);
+  * in-place: `materializer.apply(recipe)` with all sources already resident (and touched
+    once by an untimed linear merge); median of repeats after one warm-up (fewer repeats for
+    slow methods; a call slower than the repeat budget is timed once, without a warm-up:
+    "1*" in the tables);
   * naive: the loop a person would write without an in-place materializer:
     `copy.deepcopy(template)` + a fresh merged state dict from evomerge's own operators
     (`merge_tensor` without `out=`, cast to the model dtype) + `load_state_dict`; same
@@ -401,6 +402,9 @@ def bench_family(label: str, family: Family, methods: list[str], *, exe: str | N
         if dtype not in materializers:
             refs = [family.base, *family.experts[:3]]
             materializers[dtype] = Materializer(refs, dtype=dtype, device="cpu")
+            # one untimed linear merge first: it touches every source tensor and candidate parameter, so
+            # the first timed merge (the only one for slow methods) does not pay for first-touch page faults
+            materializers[dtype].apply(make_recipe("linear", family, dtype))
         print(f"  [{label}] {method} ({dtype}) ...", end="", flush=True)
         start = time.perf_counter()
         results[method] = bench_method(method, family, materializers[dtype], dtype, exe=exe, bandwidth=bandwidth,
