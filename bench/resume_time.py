@@ -10,6 +10,7 @@ figure ("models loaded ... in X s": importing torch, transformers and lm-eval, b
 tasks, loading the weights); the rest is the overhead the target is about.
 
     python bench/resume_time.py [--trials 10000] [--sampler random|cmaes|nsga2]
+    python bench/resume_time.py --smoke    # a 30-trial study, one resume: that it runs, not the figure
 """
 
 from __future__ import annotations
@@ -142,8 +143,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10_000)
     parser.add_argument("--sampler", default="random", choices=["random", "cmaes", "nsga2", "tpe"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="30 trials, one resume, under bench/out/smoke/")
     args = parser.parse_args()
-    out = REPO / "bench" / "out" / "resume"
+    if args.smoke:
+        args.trials, args.repeats = 30, 1
+    out = REPO / "bench" / "out" / ("smoke/resume" if args.smoke else "resume")
     out.mkdir(parents=True, exist_ok=True)
     config = write_config(out, args.sampler, args.trials)
     db = out / f"study_{args.sampler}.db"

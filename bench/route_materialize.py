@@ -5,6 +5,7 @@ Run from the repo root:
 
     python bench/route_materialize.py            # zoo + a random 134M LLaMA family (~1 min)
     python bench/route_materialize.py --quick    # zoo only
+    python bench/route_materialize.py --smoke    # zoo only, 2 routes: that it runs
 
 Routes are decoded from random genomes of search_spaces/dfs_routing.yaml (r = 3, the M x M
 scaling matrix, scales in [0.5, 2]) over two sources, so they hit the worst case: the
@@ -41,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _families import FamilySpec, ensure_family  # noqa: E402
 
 from evomerge.merge.materialize import Materializer  # noqa: E402
-from evomerge.recipe import MERGED, Recipe, layer_prefix  # noqa: E402
+from evomerge.recipe import MERGED, Recipe  # noqa: E402
 from evomerge.routing import routed_config, running_scales  # noqa: E402
-from evomerge.search.genome import Genome
+from evomerge.search.genome import Genome  # noqa: E402
 from evomerge.search_space import SearchSpace  # noqa: E402
 
 FOLDED = ("self_attn.o_proj.", "mlp.down_proj.")
@@ -60,7 +61,8 @@ def from_scratch(materializer: Materializer, recipe: Recipe) -> torch.nn.Module:
     """The routed checkpoint built the plain way: copy every position's tensors, then load them."""
     route = recipe.route
     assert MERGED not in {s.model for s in route.layers}
-    state = {k: v.clone() for k, v in materializer.sources[route.embed_from].tensors.items() if layer_prefix(k) is None}
+    outside = materializer.inputs.layer_of  # None for embeddings, final norm, head
+    state = {k: v.clone() for k, v in materializer.sources[route.embed_from].tensors.items() if outside(k) is None}
     for position, (step, product) in enumerate(zip(route.layers, running_scales(route))):
         prefix = f"model.layers.{step.layer}."
         for name, tensor in materializer.sources[step.model].tensors.items():
@@ -119,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="zoo only")
     parser.add_argument("--routes", type=int, default=10, help="random routes per model family")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
+    parser.add_argument("--smoke", action="store_true", help="zoo only, 2 routes")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick, args.routes = True, 2
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)

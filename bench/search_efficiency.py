@@ -7,6 +7,7 @@ skills' exact match on the search split) first reaches the target: by default th
 source model's own score plus a margin, i.e. "a merge that beats every source".
 
     python bench/search_efficiency.py [--seeds 5] [--budget 60] [--margin 0.1]
+    python bench/search_efficiency.py --smoke    # one seed, 3 evaluations, 8 prompts per skill: that it runs
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ ZOO = REPO / "evomerge" / "zoo_models"
 EXPERTS = [str(ZOO / f"expert_{s}") for s in ("rev", "srt", "cae")]
 
 
+def smoke_fitness(out: Path) -> Path:
+    """evaluators/zoo_skills.yaml with 8 prompts per skill instead of 200."""
+    spec = yaml.safe_load((REPO / "evaluators" / "zoo_skills.yaml").read_text())
+    path = out / "zoo_skills_smoke.yaml"
+    path.write_text(yaml.safe_dump({**spec, "n_examples": 8}))
+    return path
+
+
 def source_scores(fitness: FitnessSpec) -> dict[str, float]:
     evaluator = build_evaluator(fitness, ZOO / "base")
     out = {}
@@ -47,9 +56,9 @@ def source_scores(fitness: FitnessSpec) -> dict[str, float]:
     return out
 
 
-def run(sampler: str, seed: int, budget: int, out: Path) -> list[float]:
+def run(sampler: str, seed: int, budget: int, out: Path, fitness: Path) -> list[float]:
     config = {"name": f"{sampler}_{seed}", "models": EXPERTS, "base_model": str(ZOO / "base"),
-              "search_space": "search_spaces/ps_ties_dare.yaml", "fitness": "evaluators/zoo_skills.yaml",
+              "search_space": "search_spaces/ps_ties_dare.yaml", "fitness": str(fitness),
               "sampler": sampler, "budget": {"n_trials": budget}, "seed": seed,
               "storage": f"sqlite:///{out}/{sampler}_{seed}.db", "device": "cpu", "dtype": "float32"}
     path = out / f"{sampler}_{seed}.yaml"
@@ -79,19 +88,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=60)
     parser.add_argument("--margin", type=float, default=0.1, help="target = best source + margin (sum of 3 accuracies)")
+    parser.add_argument("--smoke", action="store_true", help="one seed, 3 evaluations, 8 prompts, under bench/out/smoke/")
     args = parser.parse_args()
-    out = REPO / "bench" / "out" / "search_efficiency"
+    if args.smoke:
+        args.seeds, args.budget = 1, 3
+    out = REPO / "bench" / "out" / ("smoke/search_efficiency" if args.smoke else "search_efficiency")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     os.chdir(REPO)  # the configs name repo-relative files
-    fitness = FitnessSpec.load(REPO / "evaluators" / "zoo_skills.yaml")
+    fitness_path = smoke_fitness(out) if args.smoke else REPO / "evaluators" / "zoo_skills.yaml"
+    fitness = FitnessSpec.load(fitness_path)
     sources = source_scores(fitness)
     target = max(sources.values()) + args.margin
     print("sources (sum of rev+srt+cae exact match, search split): " + ", ".join(f"{k} {v:.3f}" for k, v in sources.items()))
     print(f"target: {target:.3f} (best source + {args.margin}); budget {args.budget} evaluations per run")
     start = time.perf_counter()
     for sampler in ("cmaes", "random"):
-        runs = [run(sampler, seed, args.budget, out) for seed in range(args.seeds)]
+        runs = [run(sampler, seed, args.budget, out, fitness_path) for seed in range(args.seeds)]
         counts = [evaluations_to(v, target) for v in runs]
         best = [max(v) for v in runs]
         print(f"{sampler:>7}: evaluations to target {summary(counts, args.budget)}; "

@@ -2,6 +2,7 @@
 the study with an uninterrupted run of the same seed.
 
     python bench/soak.py [--kills 24] [--sampler cmaes|nsga2|random|tpe] [--seed 0]
+    python bench/soak.py --smoke    # one kill (in the sample phase), 6 trials: that it runs, not a soak
 
 Kills alternate between a trial held in one phase (EVOMERGE_FAULT sleep in sample, materialize,
 evaluate or store) and an arbitrary moment (a random delay after the next trial starts). Each
@@ -58,12 +59,15 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=24)
     parser.add_argument("--sampler", default="cmaes", choices=sorted(SAMPLER_OPTIONS))
     parser.add_argument("--seed", type=int, default=0, help="chooses the kill delays (the search seed is 0)")
+    parser.add_argument("--smoke", action="store_true", help="one kill, random sampler, under bench/out/smoke/")
     args = parser.parse_args()
-    out = REPO / "bench" / "out" / "soak"
+    if args.smoke:
+        args.kills, args.sampler = 1, "random"
+    out = REPO / "bench" / "out" / ("smoke/soak" if args.smoke else "soak")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     sampler = {"name": args.sampler, **SAMPLER_OPTIONS[args.sampler]}
-    n = 2 * args.kills + 16  # a killed process completes one trial or more first
+    n = 2 * args.kills + (4 if args.smoke else 16)  # a killed process completes one trial or more first
     zoo = Path("evomerge/zoo_models")
     straight, killed = (write_config(out, zoo, name, sampler, n) for name in ("straight", "killed"))
     start = time.perf_counter()

@@ -13,6 +13,7 @@ nothing; the zoo's tokenizer and tasks give it realistic prompts). Task arithmet
 three experts, lm-eval task zoo_target (600 prompts, loglikelihood), float32, CPU.
 
     python bench/trial_overhead.py [--trials 8] [--large-trials 3] [--large-limit 200]
+    python bench/trial_overhead.py --smoke    # zoo only, 3 trials of 10 prompts per skill: that it runs
 """
 
 from __future__ import annotations
@@ -127,11 +128,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8, help="trials per loop on the zoo")
     parser.add_argument("--large-trials", type=int, default=3, help="trials per loop on the 134M model")
     parser.add_argument("--large-limit", type=int, default=None, help="prompts per skill on the 134M model (default: all 200)")
+    parser.add_argument("--smoke", action="store_true", help="zoo only, 3 trials, 10 prompts per skill")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     print("median seconds per trial; overhead = share of the trial outside the model's forward passes")
     zoo = [str(ZOO_DIR / f"expert_{s}") for s in ("rev", "srt", "cae")]
-    measure("zoo", str(ZOO_DIR / "base"), zoo, None, args.trials)
+    measure("zoo", str(ZOO_DIR / "base"), zoo, 10 if args.smoke else None, 3 if args.smoke else args.trials)
+    if args.smoke:
+        return
     base, experts = large_family()
     measure("llama-134M", base, experts, args.large_limit, args.large_trials)
 

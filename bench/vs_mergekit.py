@@ -4,10 +4,14 @@ in-place candidate than a fresh merge?
 Run from the repo root:
 
     python bench/vs_mergekit.py            # full run (~6.5 min on 2 idle CPU cores)
-    python bench/vs_mergekit.py --quick    # smoke run: zoo only, two methods (~30 s)
+    python bench/vs_mergekit.py --quick    # zoo only, two methods (~30 s)
+    python bench/vs_mergekit.py --smoke    # seconds: ties and dare_ties on the zoo, linear on a tiny
+                                           # random family; that it runs (tests/test_benches.py), not a figure
 
 mergekit is never imported: it runs as a subprocess (`mergekit-yaml`, from --mergekit-yaml,
 $MERGEKIT_YAML or PATH), on the mergekit YAML that evomerge itself writes for each recipe.
+With --quick or --smoke and no mergekit-yaml to be found, the mergekit side is skipped and
+evomerge's side still runs.
 
 What is measured
 ----------------
@@ -27,9 +31,10 @@ mean |merged - base| (whole model, and the worst tensor of >= 4096 entries).
 
 Speed (on the zoo, and on a random-weight LLaMA family of ~134M parameters, bf16, built
 under bench/out/ on first use and reused after). Per method:
-  * in-place: `materializer.apply(recipe)` with all sources already resident; median of
-    repeats after one warm-up (fewer repeats for slow methods; a call slower than the
-    repeat budget is timed once, without a warm-up: "1*" in the tables);
+  * in-place: `materializer.apply(recipe)` with all sources already resident (and touched
+    once by an untimed linear merge); median of repeats after one warm-up (fewer repeats for
+    slow methods; a call slower than the repeat budget is timed once, without a warm-up:
+    "1*" in the tables);
   * naive: the loop a person would write without an in-place materializer:
     `copy.deepcopy(template)` + a fresh merged state dict from evomerge's own operators
     (`merge_tensor` without `out=`, cast to the model dtype) + `load_state_dict`; same
@@ -70,12 +75,12 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from evomerge.merge.materialize import Materializer
+from evomerge.merge.materialize import Materializer, tensor_groups
 from evomerge.merge.methods import get_method
 from evomerge.merge.registry import merge_tensor
 from evomerge.merge.rng import TensorRNG
 from evomerge.mergekit_yaml import mergekit_yaml
-from evomerge.recipe import Recipe, Source, group_of, n_groups
+from evomerge.recipe import Recipe, Source, n_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _families import Family, FamilySpec, ensure_family  # noqa: E402
@@ -89,6 +94,8 @@ INSTALL_HINT = ("python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch
 ALL_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"]
 QUICK_METHODS = ["task_arithmetic", "dare_ties"]
+SMOKE_METHODS = ["ties", "dare_ties"]
+ELEMENTWISE = ["linear", "task_arithmetic", "dare_linear"]  # judged by the copy-bandwidth floor  # one exact comparison, one by statistics
 # The sort- and RNG-heavy methods take minutes per merge on 2 CPU cores at 134M parameters
 # (in both tools), so by default the large family runs the rest; --large-methods all for everything.
 LARGE_METHODS = ["linear", "task_arithmetic", "ties", "slerp", "model_stock"]
@@ -150,11 +157,14 @@ def is_random(method: str) -> bool:
 # ----------------------------------------------------------------------------- mergekit
 
 
-def find_mergekit(given: str | None) -> str:
+def find_mergekit(given: str | None, required: bool) -> str | None:
     candidate = given or os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
     if candidate and (Path(candidate).is_file() or shutil.which(candidate)):
         return candidate
     where = f" at {candidate}" if candidate else " (not on PATH, MERGEKIT_YAML unset)"
+    if not required:
+        print(f"note: mergekit-yaml not found{where}: its side is skipped")
+        return None
     sys.exit(f"mergekit-yaml not found{where}. Install it in its own venv (evomerge never imports it):\n{INSTALL_HINT}")
 
 
@@ -236,7 +246,7 @@ def keep_probability(recipe: Recipe, delta: torch.Tensor, params: dict[str, floa
 
 
 def compare_random(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], recipe: Recipe,
-                   sources: dict[str, dict[str, torch.Tensor]], n_layers: int) -> dict[str, Any]:
+                   sources: dict[str, dict[str, torch.Tensor]], groups: dict[str, int]) -> dict[str, Any]:
     """Statistics of (merged - base) per tool: exact-zero fraction (vs. expected) and mean |.|."""
     base = sources[recipe.base_model]
     experts = [sources[s.model] for s in recipe.models]
@@ -245,7 +255,7 @@ def compare_random(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor
     for name in sorted(set(ours) & set(theirs)):
         b = base[name].double()
         d_ours, d_theirs = ours[name].double() - b, theirs[name].double() - b
-        params = recipe.source_params(group_of(name, n_layers, recipe.layer_granularity))
+        params = recipe.source_params(groups[name])
         p_zero = torch.ones_like(b)
         for expert, p in zip(experts, params):
             delta = expert[name].double() - b
@@ -312,7 +322,7 @@ def bytes_moved(materializer: Materializer, recipe: Recipe) -> int:
     moved = 0
     for name, param in materializer.candidate.named_parameters():
         moved += param.numel() * param.element_size()
-        moved += sum(materializer.sources[r].tensors[name].numel() * materializer.sources[r].tensors[name].element_size()
+        moved += sum(materializer.inputs.tensors[r][name].numel() * materializer.inputs.tensors[r][name].element_size()
                      for r in refs)
     return moved
 
@@ -320,12 +330,14 @@ def bytes_moved(materializer: Materializer, recipe: Recipe) -> int:
 def naive_rebuild(materializer: Materializer, recipe: Recipe) -> torch.nn.Module:
     """A fresh model per candidate: deepcopy a template, merge into new tensors, load them."""
     model = copy.deepcopy(materializer.candidate)
-    base = materializer.sources[recipe.base_model].tensors if recipe.base_model else None
-    sources = [materializer.sources[s.model].tensors for s in recipe.models]
+    tensors = materializer.inputs.tensors
+    base = tensors[recipe.base_model] if recipe.base_model else None
+    sources = [tensors[s.model] for s in recipe.models]
+    groups = tensor_groups(materializer.inputs, recipe.layer_granularity)
     state = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            group = group_of(name, materializer.n_layers, recipe.layer_granularity)
+            group = groups[name]
             merged = merge_tensor(recipe.method, base[name] if base is not None else None, [s[name] for s in sources],
                                   recipe.source_params(group), recipe.options(group), TensorRNG(recipe.seed, name))
             state[name] = merged.to(param.dtype)
@@ -336,7 +348,7 @@ def naive_rebuild(materializer: Materializer, recipe: Recipe) -> torch.nn.Module
 # ----------------------------------------------------------------------------- one family
 
 
-def bench_method(method: str, family: Family, materializer: Materializer, dtype: str, *, exe: str,
+def bench_method(method: str, family: Family, materializer: Materializer, dtype: str, *, exe: str | None,
                  bandwidth: float, budget_s: float, max_repeats: int, naive_budget_s: float,
                  stats: bool) -> dict[str, Any]:
     recipe = make_recipe(method, family, dtype)
@@ -354,6 +366,12 @@ def bench_method(method: str, family: Family, materializer: Materializer, dtype:
     naive = timing["s"]
     result.update(naive_s=naive, naive_runs=timing["runs"], naive_samples=timing["samples"])
 
+    moved = bytes_moved(materializer, recipe)
+    result.update(bytes_moved=moved, floor_s=moved / bandwidth, floor_fraction=moved / bandwidth / inplace,
+                  naive_over_inplace=naive / inplace, mergekit_s=None, mergekit_over_inplace=None)
+    if exe is None:
+        result["mergekit_error"] = "skipped: no mergekit-yaml"
+        return result
     with tempfile.TemporaryDirectory(dir=OUT, prefix="mk_") as tmp:
         mk_s, out, error = run_mergekit(exe, yaml_text, Path(tmp), recipe.seed)
         result["mergekit_s"] = mk_s
@@ -361,23 +379,19 @@ def bench_method(method: str, family: Family, materializer: Materializer, dtype:
             result["mergekit_error"] = error
         else:
             theirs = load_checkpoint(out)
-            tensors = {ref: src.tensors for ref, src in materializer.sources.items()}
+            tensors = materializer.inputs.tensors
             if not is_random(method):
                 result["agreement"] = compare_exact(ours, theirs)
             elif stats:
-                result["agreement"] = compare_random(ours, theirs, recipe, tensors, family.n_layers)
+                groups = tensor_groups(materializer.inputs, recipe.layer_granularity)
+                result["agreement"] = compare_random(ours, theirs, recipe, tensors, groups)
             else:
                 result["agreement"] = compare_l1_only(ours, theirs, tensors[recipe.base_model])
-
-    moved = bytes_moved(materializer, recipe)
-    result.update(bytes_moved=moved, floor_s=moved / bandwidth)
-    result["floor_fraction"] = result["floor_s"] / inplace
     result["mergekit_over_inplace"] = mk_s / inplace if not error else None
-    result["naive_over_inplace"] = naive / inplace
     return result
 
 
-def bench_family(label: str, family: Family, methods: list[str], *, exe: str, bandwidth: float, budget_s: float,
+def bench_family(label: str, family: Family, methods: list[str], *, exe: str | None, bandwidth: float, budget_s: float,
                  max_repeats: int, naive_budget_s: float, float32_random: bool) -> dict[str, Any]:
     """All methods on one family. With float32_random the random methods run at float32 output
     (for the zoo's statistics), everything else at bfloat16."""
@@ -389,6 +403,9 @@ def bench_family(label: str, family: Family, methods: list[str], *, exe: str, ba
         if dtype not in materializers:
             refs = [family.base, *family.experts[:3]]
             materializers[dtype] = Materializer(refs, dtype=dtype, device="cpu")
+            # one untimed linear merge first: it touches every source tensor and candidate parameter, so
+            # the first timed merge (the only one for slow methods) does not pay for first-touch page faults
+            materializers[dtype].apply(make_recipe("linear", family, dtype))
         print(f"  [{label}] {method} ({dtype}) ...", end="", flush=True)
         start = time.perf_counter()
         results[method] = bench_method(method, family, materializers[dtype], dtype, exe=exe, bandwidth=bandwidth,
@@ -452,7 +469,8 @@ def runs_cell(runs: int) -> str:
 def agreement_cell(result: dict[str, Any]) -> str:
     a = result.get("agreement")
     if a is None:
-        return "mergekit failed: " + result.get("mergekit_error", "?")[:80]
+        error = result.get("mergekit_error", "?")
+        return error if error.startswith("skipped") else "mergekit failed: " + error[:80]
     if a["kind"] == "exact":
         return (f"max|d|={a['max_abs_diff']:.3g}  differ={a['frac_differing']:.2e}  max_ulp={a['max_ulp']}  "
                 f"n(>1 ulp)={a['n_over_1ulp']}")
@@ -483,13 +501,15 @@ def print_tables(label: str, n_params: int, results: dict[str, Any]) -> None:
 
 def print_targets(report: dict[str, Any]) -> None:
     print("\nTargets: in-place >= 10x faster than mergekit for every method; "
-          "linear and task_arithmetic >= 0.5 of the bandwidth floor")
+          "linear, task_arithmetic and dare_linear >= 0.5 of the bandwidth floor")
     for label, results in report["families"].items():
-        slow = [f"{m} ({fmt_ratio(r['mergekit_over_inplace'])})" for m, r in results["methods"].items()
+        ran = {m: r for m, r in results["methods"].items() if not r.get("mergekit_error", "").startswith("skipped")}
+        slow = [f"{m} ({fmt_ratio(r['mergekit_over_inplace'])})" for m, r in ran.items()
                 if r["mergekit_over_inplace"] is None or r["mergekit_over_inplace"] < 10]
         floors = [f"{m} {r['floor_fraction']:.3f}" for m, r in results["methods"].items()
-                  if m in ("linear", "task_arithmetic")]
-        print(f"  {label}: below 10x vs mergekit: {', '.join(slow) or 'none'}; floor fraction: {', '.join(floors) or '-'}")
+                  if m in ELEMENTWISE]
+        versus = f"below 10x vs mergekit: {', '.join(slow) or 'none'}" if ran else "mergekit not run"
+        print(f"  {label}: {versus}; floor fraction: {', '.join(floors) or '-'}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -510,13 +530,20 @@ def zoo_family(path: Path) -> tuple[Family, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"zoo only, methods {', '.join(QUICK_METHODS)}")
+    p.add_argument("--smoke", action="store_true", help=f"seconds: zoo methods {', '.join(SMOKE_METHODS)}, one "
+                   "repeat, linear on a tiny random family; results under bench/out/smoke/")
+    p.add_argument("--threads", type=int, help="torch CPU threads, here and in mergekit (default: torch's; "
+                   "1 is steadier on a busy machine)")
     p.add_argument("--mergekit-yaml", help="mergekit-yaml executable (default: $MERGEKIT_YAML, else PATH)")
     p.add_argument("--zoo", default=str(ZOO), help="zoo directory (default: %(default)s)")
     p.add_argument("--methods", help="comma-separated methods for the zoo, 'all' or 'none' (default: all)")
     p.add_argument("--large-methods", default=",".join(LARGE_METHODS),
                    help="comma-separated methods for the ~134M family, 'all', or 'none' (default: %(default)s)")
-    p.add_argument("--json", default=str(OUT / "vs_mergekit.json"), help="where to write results (default: %(default)s)")
-    return p.parse_args(argv)
+    p.add_argument("--json", help="where to write results (default: bench/out/vs_mergekit.json, "
+                   "bench/out/smoke/vs_mergekit.json with --smoke)")
+    args = p.parse_args(argv)
+    args.json = args.json or str(OUT / ("smoke" if args.smoke else "") / "vs_mergekit.json")
+    return args
 
 
 def method_list(text: str | None, default: list[str]) -> list[str]:
@@ -532,28 +559,37 @@ def method_list(text: str | None, default: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    exe = find_mergekit(args.mergekit_yaml)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for mergekit's processes
+    exe = find_mergekit(args.mergekit_yaml, required=not (args.quick or args.smoke))
     started = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
     info = device_info()
     fingerprint = evomerge_fingerprint()
     print(f"device: {info['device']} ({info['cpu']}, {info['cpu_count']} cores), torch {info['torch']}, "
           f"{info['torch_threads']} threads; mergekit-yaml: {exe}; evomerge sources {fingerprint}")
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(16 if args.smoke else 256)
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.2f} GB/s; load average {load_average()}")
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5:
         print("warning: the machine is busy; other processes slow every timing here, "
               "torch's worker threads most of all")
     report: dict[str, Any] = {"device": info, "evomerge_sources_sha256": fingerprint, "mergekit_yaml": exe,
                               "load_average_start": load_average(), "copy_bandwidth_Bps": bandwidth, "families": {}}
-    if not args.quick:
+    if exe is not None and not (args.quick or args.smoke):
         report["mergekit_startup_s"] = time_mergekit_startup(exe)
         print(f"mergekit-yaml start-up (--help): {report['mergekit_startup_s']:.2f} s")
 
     zoo, zoo_label = zoo_family(Path(args.zoo))
-    plan = [(zoo_label, zoo, method_list(args.methods, QUICK_METHODS if args.quick else ALL_METHODS),
-             dict(budget_s=2.0, max_repeats=10, naive_budget_s=2.0, float32_random=True))]
-    if not args.quick:
+    if args.smoke:
+        tiny = ensure_family(OUT / "smoke" / "family_tiny", SMALL_ZOO_STANDIN)
+        knobs = dict(budget_s=0.0, max_repeats=1, naive_budget_s=0.0)
+        plan = [(zoo_label, zoo, SMOKE_METHODS, dict(knobs, float32_random=True)),
+                ("tiny", tiny, ["linear"], dict(knobs, float32_random=False))]
+    else:
+        plan = [(zoo_label, zoo, method_list(args.methods, QUICK_METHODS if args.quick else ALL_METHODS),
+                 dict(budget_s=2.0, max_repeats=10, naive_budget_s=2.0, float32_random=True))]
+    if not (args.quick or args.smoke):
         large_methods = method_list(args.large_methods, LARGE_METHODS)
         if large_methods:
             print(f"large family: {OUT / 'family_llama134m'} (built on first use, ~1 min)")

@@ -3,7 +3,8 @@
 
 mergekit 0.1.5's rule, kept exactly: keep sorted positions [n_bot, n_bot + int(density*n))
 with n_top = int(gamma*n), n_bot = max(0, n - int(density*n) - n_top). When density + gamma
-exceeds 1 the outlier cut shrinks so the density is still met."""
+exceeds 1 the outlier cut shrinks so the density is still met. The band is found by selection
+(evomerge.merge.trim), equal magnitudes ordered by position, as a stable sort would."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from evomerge.merge.rng import TensorRNG
 from evomerge.merge.task_arithmetic import generalized_task_arithmetic
+from evomerge.merge.trim import magnitude_keys, rank_band
 
 
 def outlier_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
@@ -22,10 +24,7 @@ def outlier_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG |
     n = delta.numel()
     target = int(max(density, 0.0) * n)
     n_bot = max(0, n - target - int(params["gamma"] * n))
-    order = torch.sort(delta.abs().reshape(-1), descending=False).indices
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[n_bot:n_bot + target]] = 1
-    return mask.view_as(delta)
+    return rank_band(magnitude_keys(delta), n_bot, n_bot + target).view(delta.shape)
 
 
 breadcrumbs = functools.partial(generalized_task_arithmetic, sparsifier=outlier_mask, consensus=False)

@@ -1,6 +1,9 @@
 """DELLA (Deep et al., 2024): magnitude-ranked drop probabilities. Within each row, an entry's
 keep probability rises linearly with its magnitude rank from density - epsilon to
-density + epsilon; kept entries are rescaled (mergekit: restore the L1 norm)."""
+density + epsilon; kept entries are rescaled (mergekit: restore the L1 norm).
+
+Ranks come from one stable sort of each row's magnitude bits (equal magnitudes ranked by
+position), scattered back: mergekit's argsort of the argsort sorts twice."""
 
 from __future__ import annotations
 
@@ -11,12 +14,15 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.merge.rng import TensorRNG
 from evomerge.merge.task_arithmetic import generalized_task_arithmetic
+from evomerge.merge.trim import magnitude_keys
 
 
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Per-row linear ramp over magnitude ranks; a 1-D tensor is one row, a 1-entry row gets density - epsilon."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(delta.dtype)
+    order = torch.argsort(magnitude_keys(rows).view(rows.shape), dim=1, stable=True)
+    positions = torch.arange(rows.shape[1], device=delta.device, dtype=order.dtype).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(delta.dtype)
     span = max(rows.shape[1] - 1, 1)
     return ((density - epsilon) + ranks / span * 2 * epsilon).view_as(delta)
 

@@ -1,5 +1,8 @@
 """TIES-merging (Yadav et al., 2023): keep the largest-magnitude fraction of each delta,
-elect a sign per element, average the deltas that agree with it."""
+elect a sign per element, average the deltas that agree with it.
+
+The largest entries are found by selection (evomerge.merge.trim), equal magnitudes at the
+threshold taken in order of position, as a stable sort would."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 
 from evomerge.merge.rng import TensorRNG
 from evomerge.merge.task_arithmetic import generalized_task_arithmetic
+from evomerge.merge.trim import largest, magnitude_keys
 
 
 def magnitude_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
@@ -16,12 +20,9 @@ def magnitude_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG
     density = params["density"]
     if density >= 1:
         return None
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
     if density <= 0 or delta.numel() == 0:
-        return mask.view_as(delta)
-    k = max(1, int(density * delta.numel()))
-    mask[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = 1
-    return mask.view_as(delta)
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    return largest(magnitude_keys(delta), max(1, int(density * delta.numel()))).view(delta.shape)
 
 
 ties = functools.partial(generalized_task_arithmetic, sparsifier=magnitude_mask, consensus=True)

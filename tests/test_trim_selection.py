@@ -1,0 +1,175 @@
+"""Magnitude trimming by selection (TIES, breadcrumbs, DELLA's ranks) against argsort references.
+
+The references below are the sort formulas the operators used before (kept here, not in the
+package), with `stable=True`: torch's default CPU sort is not stable, so which of several equal
+magnitudes it kept was an accident of the algorithm (a 100k-entry bf16 delta gives a different
+order from the stable sort; CUDA's sort orders ties differently again). The operators now take
+equal magnitudes in order of position, which is what a stable sort does; the second group of
+tests checks that, against the old unstable formula, the masks differ only in which of the
+entries equal to the threshold magnitude are kept, never in how many.
+
+Tensors are built to have many equal magnitudes at the threshold: deltas of bf16 weights (what
+a merge of bf16 checkpoints sees), deltas that are bf16 themselves, all-equal and all-zero
+tensors, and densities that keep one entry, every entry, or nothing. Every test runs with each of
+the selection's paths (histograms only, histogram then sort, as shipped).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evomerge.merge.methods import trim
+from evomerge.merge.breadcrumbs import outlier_mask
+from evomerge.merge.della import keep_probabilities
+from evomerge.merge.ties import magnitude_mask
+from evomerge.merge.trim import largest, magnitude_keys, rank_band
+
+
+def bf16_delta(shape, seed, scale=0.05, dtype=torch.float32):
+    """source - base for bf16 weights, computed in `dtype`: few distinct magnitudes, many ties."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).bfloat16()
+    source = (base.float() + scale * torch.randn(shape, generator=g)).bfloat16()
+    return source.to(dtype) - base.to(dtype)
+
+
+def cases():
+    yield "bf16-delta-f32", bf16_delta((64, 96), 0)
+    yield "bf16-delta-f32-1d", bf16_delta((5000,), 1)
+    yield "bf16-delta-bf16", bf16_delta((48, 40), 2, dtype=torch.bfloat16)
+    yield "bf16-delta-f64", bf16_delta((30, 33), 3, dtype=torch.float64)
+    yield "coarse", torch.randint(-3, 4, (40, 50)).float()  # 7 values: ties everywhere, zeros included
+    yield "all-equal", torch.full((17, 13), -0.25)
+    yield "zeros", torch.zeros(200)
+    yield "one-entry", torch.tensor([0.5])
+    yield "with-inf-nan", torch.tensor([1.0, float("inf"), -2.0, float("nan"), 1.0, -float("inf"), 0.0, -1.0])
+
+
+CASES = list(cases())
+
+
+@pytest.fixture(autouse=True, params=[0, 64, trim._SORT_BELOW], ids=["histograms", "mixed", "default"])
+def sort_below(request, monkeypatch):
+    """Run every test with the selection all by histograms (down to the last 16-bit digit), with a
+    histogram then a sort of the remaining candidates, and as shipped (small tensors are sorted)."""
+    monkeypatch.setattr(trim, "_SORT_BELOW", request.param)
+
+
+DENSITIES = [0.0, 1e-9, 0.1, 0.25, 0.5, 0.73, 0.999, 1.0]
+
+
+# ---------------------------------------------------------------- references (the old sort formulas, stable)
+
+
+def ref_ties(delta, density, stable=True):
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+    if density <= 0:
+        return mask.view_as(delta)
+    k = max(1, int(density * delta.numel()))
+    mask[torch.argsort(delta.abs().reshape(-1), descending=True, stable=stable)[:k]] = 1
+    return mask.view_as(delta)
+
+
+def ref_breadcrumbs(delta, density, gamma, stable=True):
+    n = delta.numel()
+    target = int(max(density, 0.0) * n)
+    n_bot = max(0, n - target - int(gamma * n))
+    order = torch.sort(delta.abs().reshape(-1), descending=False, stable=stable).indices
+    mask = torch.zeros(n, dtype=delta.dtype)
+    mask[order[n_bot:n_bot + target]] = 1
+    return mask.view_as(delta)
+
+
+def ref_della_probabilities(delta, density, epsilon, stable=True):
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=stable), dim=1, stable=stable).to(delta.dtype)
+    span = max(rows.shape[1] - 1, 1)
+    return ((density - epsilon) + ranks / span * 2 * epsilon).view_as(delta)
+
+
+def as_mask(mask, delta):
+    """A sparsifier's mask (None = keep all) as 0/1 in delta's dtype, for exact comparison."""
+    return torch.ones_like(delta) if mask is None else mask.to(delta.dtype)
+
+
+# ---------------------------------------------------------------- exact agreement with the stable sort
+
+
+@pytest.mark.parametrize("name,delta", CASES, ids=[c[0] for c in CASES])
+def test_ties_mask_is_the_stable_argsort_mask(name, delta):
+    for density in DENSITIES:
+        ours = as_mask(magnitude_mask(delta, {"density": density}, None), delta)
+        expected = torch.ones_like(delta) if density >= 1 else ref_ties(delta, density)
+        assert torch.equal(ours, expected), density
+
+
+@pytest.mark.parametrize("name,delta", CASES, ids=[c[0] for c in CASES])
+def test_breadcrumbs_mask_is_the_stable_sort_band(name, delta):
+    for density in DENSITIES:
+        for gamma in (0.0, 0.05, 0.5):
+            ours = as_mask(outlier_mask(delta, {"density": density, "gamma": gamma}, None), delta)
+            expected = torch.ones_like(delta) if density >= 1 else ref_breadcrumbs(delta, density, gamma)
+            assert torch.equal(ours, expected), (density, gamma)
+
+
+@pytest.mark.parametrize("name,delta", CASES, ids=[c[0] for c in CASES])
+def test_della_probabilities_are_the_stable_double_argsort_ranks(name, delta, sort_below):
+    for density, epsilon in [(0.5, 0.1), (0.6, 0.15), (0.3, 0.29)]:
+        assert torch.equal(keep_probabilities(delta, density, epsilon), ref_della_probabilities(delta, density, epsilon))
+
+
+def test_rank_band_every_window_of_a_tie_heavy_tensor():
+    """Every [lo, hi) of a 7-valued tensor: bands that start, end or lie inside one run of ties."""
+    keys = magnitude_keys(torch.randint(-3, 4, (60,)).float())
+    order = torch.sort(keys, stable=True).indices
+    for lo in range(0, 61, 4):
+        for hi in range(lo, 61, 5):
+            expected = torch.zeros(60, dtype=torch.bool)
+            expected[order[lo:hi]] = True
+            assert torch.equal(rank_band(keys, lo, hi), expected), (lo, hi)
+
+
+def test_largest_every_k_of_a_tie_heavy_tensor():
+    keys = magnitude_keys(bf16_delta((300,), 7, scale=0.002))  # a handful of magnitudes
+    order = torch.argsort(keys, descending=True, stable=True)
+    for k in range(0, 301, 13):
+        expected = torch.zeros(300, dtype=torch.bool)
+        expected[order[:k]] = True
+        assert torch.equal(largest(keys, k), expected), k
+
+
+# ---------------------------------------------------------------- against the old unstable formula
+
+
+def differ_only_among_ties_at(ours, old, magnitudes, thresholds):
+    """ours and old keep the same number of entries, and every entry where they differ has one
+    of the threshold magnitudes (the ones a sort had to choose among)."""
+    if int(ours.sum()) != int(old.sum()):
+        return False
+    differing = magnitudes[ours != old]
+    return bool(torch.isin(differing, torch.stack(thresholds)).all()) if differing.numel() else True
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.73])
+def test_ties_against_the_old_unstable_sort_differs_only_at_the_threshold(density):
+    delta = bf16_delta((256, 384), 11)
+    magnitudes = delta.abs()
+    ours = as_mask(magnitude_mask(delta, {"density": density}, None), delta)
+    old = ref_ties(delta, density, stable=False)
+    k = int(old.sum())
+    threshold = torch.sort(magnitudes.reshape(-1), descending=True).values[k - 1]
+    assert differ_only_among_ties_at(ours, old, magnitudes, [threshold])
+
+
+def test_breadcrumbs_against_the_old_unstable_sort_differs_only_at_the_bounds():
+    delta = bf16_delta((256, 384), 12)
+    density, gamma = 0.8, 0.05
+    magnitudes = delta.abs()
+    ours = as_mask(outlier_mask(delta, {"density": density, "gamma": gamma}, None), delta)
+    old = ref_breadcrumbs(delta, density, gamma, stable=False)
+    n = delta.numel()
+    target = int(density * n)
+    n_bot = n - target - int(gamma * n)
+    values = torch.sort(magnitudes.reshape(-1)).values
+    assert differ_only_among_ties_at(ours, old, magnitudes, [values[n_bot], values[n_bot + target - 1]])
