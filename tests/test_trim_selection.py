@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge.methods import trim
+from evomerge.merge import trim
 from evomerge.merge.breadcrumbs import outlier_mask
 from evomerge.merge.della import keep_probabilities
 from evomerge.merge.ties import magnitude_mask
