@@ -9,6 +9,7 @@ costs without lazy deltas. The bound to meet: peak - RSS before loading <= base 
 + the factors (+ the scratch of one tensor's merge, which this prints too).
 
     PYTHONPATH=$PWD python bench/lora_memory.py [--workdir /tmp/lora_memory]
+    PYTHONPATH=$PWD python bench/lora_memory.py --smoke    # a 2-layer model under bench/out/smoke/: that it runs
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from safetensors.torch import save_file
 RANK, ALPHA = 16, 32
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIB = 2**20
+SHAPE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+         "num_attention_heads": 12, "num_key_value_heads": 12}
+SMOKE = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 4}
 
 
-def build(workdir: Path) -> None:
+def build(workdir: Path, shape: dict[str, int]) -> None:
     """The base, three adapters (PEFT format) and the adapters merged dense."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -37,8 +42,7 @@ def build(workdir: Path) -> None:
     from evomerge.zoo import build_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=False)
+    config = LlamaConfig(**shape, tie_word_embeddings=False)
     base = LlamaForCausalLM(config)
     base.save_pretrained(workdir / "base")
     build_tokenizer().save_pretrained(workdir / "base")
@@ -115,14 +119,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/lora_memory")
     parser.add_argument("--measure", choices=("adapter", "dense"), help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="a 2-layer model under bench/out/smoke/ (that it runs)")
     args = parser.parse_args()
-    workdir = Path(args.workdir)
+    workdir = Path(__file__).resolve().parent / "out" / "smoke" / "lora_memory" if args.smoke else Path(args.workdir)
     if args.measure:
         print(json.dumps(measure(workdir, args.measure)))
         return
     if not (workdir / "dense2" / "model.safetensors").is_file():
         workdir.mkdir(parents=True, exist_ok=True)
-        build(workdir)
+        build(workdir, SMOKE if args.smoke else SHAPE)
     size = sizes(workdir)
     print(f"base {size['base'] / MIB:.0f} MiB (float32), candidate the same, factors of 3 rank-{RANK} adapters "
           f"{size['factors'] / MIB:.1f} MiB, largest tensor {size['largest_tensor'] / MIB:.0f} MiB")

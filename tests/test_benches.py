@@ -37,7 +37,10 @@ BENCHES = {
     "fitness_cost.py": "racing replay",
     "workers.py": "2 worker(s)",
     "backends.py": "same scores",
+    "lora_memory.py": "adapter sources: RSS",
+    "stream_merge_rss.py": "peak RSS",
 }
+FLAGS = {"stream_merge_rss.py": ["--quick", "--methods", "linear"]}  # its quick mode predates --smoke
 
 
 def test_every_bench_has_a_smoke_run():
@@ -50,7 +53,7 @@ def test_bench_smoke_run_completes(bench):
         need_backend("vllm")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / bench), "--smoke"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / bench), *FLAGS.get(bench, ["--smoke"])], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     if bench == "workers.py" and proc.returncode == NO_SERVER:
