@@ -70,11 +70,10 @@ def _template_text(config: RunConfig) -> str | None:
 def check_chat_template(config: RunConfig, spec: FitnessSpec) -> None:
     """A spec that formats prompts with a chat template is refused in one line, before any model loads, when
     a model it would score (a source, or the merges' tokenizer model) has none or not the one it names."""
-    from evomerge.export import chat_template
-
     wanted = spec.options.get("apply_chat_template")
     if not wanted:
         return
+    from evomerge.export import chat_template  # transformers: only for a spec that applies a template
     refs = run_refs(config)
     paths = {ref: resolve_path(ref) for ref in refs}
     merge = Recipe(method="linear", models=[Source(m, {"weight": 1.0}) for m in config.models],
