@@ -15,13 +15,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import RunConfig
 from evomerge.search import held_out
-from evomerge.model_card import Evidence
 from evomerge.search.archive import (ArchiveEntry, completed, hypervolume, hypervolume_history, pareto_archive,
                                      source_objectives)
 from evomerge.search.attrs import ITEMS
 from evomerge.search.identity import settings
 
 if TYPE_CHECKING:
+    from evomerge.model_card import Evidence
     from matplotlib.figure import Figure
 
     from evomerge.search.loop import Search
@@ -345,6 +345,8 @@ def trial_line(n_done: int, total: int, record: dict[str, Any]) -> str:
 def study_evidence(config: RunConfig, study: optuna.Study, trial: FrozenTrial) -> Evidence:
     """The evidence for `trial` as the study stores it: the sources' scores from when the study was made
     (attrs.SOURCES), the trial's objectives, and each held-out spec scored for that trial (attrs.HELD_OUT)."""
+    from evomerge.model_card import Evidence  # huggingface_hub: only when a card is written
+
     made = settings(study)
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     fitness = Path(config.fitness_path).stem
