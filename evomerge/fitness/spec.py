@@ -217,10 +217,6 @@ def _options(data: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the item keys: subset, racing, estimator
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class SubsetSpec:
     size: int
@@ -233,9 +229,9 @@ class SubsetSpec:
             raise EvomergeError(f"{where}: subset must be {{size: N, seed: S, stratify_by: FIELD}}, got {data!r}")
         check_keys(data, {"size", "seed", "stratify_by"}, f"{where}: subset")
         size, seed, field = data.get("size"), data.get("seed", 0), data.get("stratify_by")
-        if not _is_int(size) or size < 1:
+        if not _positive(size):
             raise EvomergeError(f"{where}: subset.size must be a positive integer (items per candidate), got {size!r}")
-        if not _is_int(seed) or seed < 0:
+        if not _non_negative(seed):
             raise EvomergeError(f"{where}: subset.seed must be a non-negative integer, got {seed!r}")
         if field is not None and (not isinstance(field, str) or not field):
             raise EvomergeError(f"{where}: subset.stratify_by must be a field name of the task's documents, got {field!r}")
