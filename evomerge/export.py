@@ -78,7 +78,7 @@ def write_checkpoint(inputs: SourceSet, recipe: Recipe, out: str | Path, save_we
             no_mergekit = str(exc)
             (tmp / "mergekit.yaml.txt").write_text(f"No mergekit equivalent: {exc}\n")
         (tmp / "README.md").write_text(model_card(
-            recipe, name=out.name, config=inputs.config, source_dirs={r: s.path for r, s in inputs.sources.items()},
+            recipe, name=out.name, config=inputs.config, source_dirs=inputs.paths,
             mergekit=mergekit, no_mergekit=no_mergekit, evidence=evidence))
         if out.exists():
             shutil.rmtree(out)
@@ -103,8 +103,7 @@ def save_tokenizer(inputs: SourceSet, recipe: Recipe, out: Path, trust_remote_co
         return None
     tokenizer = vocabulary.tokenizer if vocabulary else _tokenizer(path, trust_remote_code)
     tokenizer.save_pretrained(out)
-    template = recipe.chat_template and chat_template(recipe, {r: s.path for r, s in inputs.sources.items()},
-                                                      trust_remote_code)
+    template = recipe.chat_template and chat_template(recipe, inputs.paths, trust_remote_code)
     if template is not None:
         saved = _tokenizer(out, trust_remote_code)  # a fresh copy: the source's tokenizer object stays as it is
         saved.chat_template = template

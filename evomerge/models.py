@@ -329,6 +329,7 @@ class SourceSet:
         loaded: dict[Path, Source] = {}
         self.sources = {ref: load_source(ref, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                          resident=resident, loaded=loaded) for ref in dict.fromkeys(refs)}
+        self.paths = {ref: source.path for ref, source in self.sources.items()}  # each model's folder
         listed = list(self.sources.values())
         check_architectures(listed)
         check_hidden_sizes(listed)
@@ -364,8 +365,7 @@ class SourceSet:
 
         base, name = next(iter(self.sources)), min(self.vocab_rows)  # any of them: they share their rows
         rows = {ref: tensors[name].shape[0] for ref, tensors in self.tensors.items()}
-        self.vocabulary = vocab.build_vocabulary(tokenizer_source, {r: s.path for r, s in self.sources.items()}, rows,
-                                                 self.trust_remote_code)
+        self.vocabulary = vocab.build_vocabulary(tokenizer_source, self.paths, rows, self.trust_remote_code)
         for name in self.vocab_rows:
             tensors = {r: t[name] for r, t in self.tensors.items()}
             if self.resident:

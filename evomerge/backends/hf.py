@@ -31,9 +31,9 @@ class HfBackend:
         model = self.materializer.apply(recipe)
         if model.device.type == "cuda":
             torch.cuda.synchronize()  # the merge's time is the merge's, not the first forward's
-        paths = {ref: source.path for ref, source in self.materializer.sources.items()}
         return Candidate(candidate_costs(model), model, make_lm=lambda: self._lm(model),
-                         chat_template=chat_template(recipe, paths, self.materializer.trust_remote_code))
+                         chat_template=chat_template(recipe, self.materializer.inputs.paths,
+                                                     self.materializer.trust_remote_code))
 
     def _lm(self, model: PreTrainedModel) -> Any:
         if self._wrapped is None or self._wrapped[0] is not model:

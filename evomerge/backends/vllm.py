@@ -262,9 +262,8 @@ class VllmBackend:
         if recipe.route is not None:
             self._check_route(recipe.route)
         self._load(self._weights(recipe))
-        paths = {ref: source.path for ref, source in self.inputs.sources.items()}
         return Candidate(self.costs(recipe), make_lm=lambda: self.lm,
-                         chat_template=chat_template(recipe, paths, self.inputs.trust_remote_code))
+                         chat_template=chat_template(recipe, self.inputs.paths, self.inputs.trust_remote_code))
 
     def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Stream the weights into the engine. A merge that fails half way (an option only the kernel checks,
