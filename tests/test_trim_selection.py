@@ -173,3 +173,55 @@ def test_breadcrumbs_against_the_old_unstable_sort_differs_only_at_the_bounds():
     n_bot = n - target - int(gamma * n)
     values = torch.sort(magnitudes.reshape(-1)).values
     assert differ_only_among_ties_at(ours, old, magnitudes, [values[n_bot], values[n_bot + target - 1]])
+
+
+# ---------------------------------------------------------------- streaming: the band read chunk by chunk
+
+
+def continuous_delta(n, seed):
+    """float32 noise: nearly every magnitude distinct, so the sample's brackets are wide."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.01
+
+
+STREAM_CASES = [("bf16-delta", bf16_delta((6000,), 7)), ("continuous", continuous_delta(6000, 8)),
+                ("coarse", torch.randint(-3, 4, (5000,)).float()), ("zeros", torch.zeros(3000)),
+                ("half-zeros", torch.cat([torch.zeros(2500), continuous_delta(2500, 9)]))]
+
+
+def streamed_band(delta, trim_rule, size):
+    """The band as generalized_task_arithmetic finds it: keys read `size` at a time, whole keys on a miss."""
+    keys = magnitude_keys(delta)
+    n = keys.numel()
+    statistics = trim.streamed_statistics(n, trim_rule.ranks(), size, lambda start, stop: keys[start:stop])
+    if statistics is None:
+        statistics = trim.order_statistics(keys, trim_rule.ranks())
+    band = trim_rule.band(statistics)
+    return torch.cat([band.mask(keys[s:s + size], s) for s in range(0, n, size)])
+
+
+@pytest.mark.parametrize("sample", [4, 64, trim._SAMPLE], ids=["tiny-sample", "small-sample", "default"])
+@pytest.mark.parametrize("size", [97, 1000, 1 << 20])
+@pytest.mark.parametrize("name,delta", STREAM_CASES, ids=[c[0] for c in STREAM_CASES])
+def test_streamed_band_is_the_whole_tensor_band(name, delta, size, sample, monkeypatch):
+    """Every TIES and breadcrumbs band found chunk by chunk (the sample small enough that brackets
+    miss, so both the exact path and the fallback run) equals the whole tensor's mask."""
+    monkeypatch.setattr(trim, "_SAMPLE", sample)
+    n = delta.numel()
+    rules = [trim.Trim(n, n - k, n, largest=True) for k in (1, n // 3, n // 2, n - 1)]
+    rules += [trim.Trim(n, lo, hi, largest=False) for lo, hi in ((0, n // 2), (n // 5, n - n // 5), (n // 2, n // 2 + 1),
+                                                                  (n - 10, n), (1, n - 1))]
+    keys = magnitude_keys(delta)
+    for rule in rules:
+        assert torch.equal(streamed_band(delta, rule, size), rule.mask(keys)), (rule, size)
+
+
+def test_a_misleading_sample_is_caught_and_the_keys_are_read_whole(monkeypatch):
+    """Sampled positions that are all outliers bracket the wrong magnitudes: the pass notices the
+    rank fell outside its bracket (None), and the fallback still gives the exact band."""
+    monkeypatch.setattr(trim, "_SAMPLE", 64)
+    delta = continuous_delta(64 * 50, 10)
+    delta[::50] = 100.0  # exactly the sampled positions
+    keys, n = magnitude_keys(delta), delta.numel()
+    rule = trim.Trim(n, n // 2, n, largest=True)
+    assert trim.streamed_statistics(n, rule.ranks(), 500, lambda start, stop: keys[start:stop]) is None
+    assert torch.equal(streamed_band(delta, rule, 500), rule.mask(keys))

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
-from evomerge.merge.rng import TensorRNG
 from evomerge.merge.task_arithmetic import generalized_task_arithmetic
-from evomerge.merge.trim import magnitude_keys, rank_band
+from evomerge.merge.trim import Trim, by_rank
 
 
-def outlier_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
+def kept_band(n: int, params: dict[str, float]) -> Trim | None:
     density = params["density"]
     if density >= 1:
         return None
-    n = delta.numel()
     target = int(max(density, 0.0) * n)
     n_bot = max(0, n - target - int(params["gamma"] * n))
-    return rank_band(magnitude_keys(delta), n_bot, n_bot + target).view(delta.shape)
+    return Trim(n, n_bot, min(n_bot + target, n), largest=False)
 
+
+outlier_mask = by_rank(kept_band)
 
 breadcrumbs = functools.partial(generalized_task_arithmetic, sparsifier=outlier_mask, consensus=False)
 breadcrumbs_ties = functools.partial(generalized_task_arithmetic, sparsifier=outlier_mask, consensus=True)

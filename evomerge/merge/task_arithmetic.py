@@ -17,6 +17,7 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.merge.registry import cache_chunk, chunk_elements, compute_dtype
 from evomerge.merge.rng import TensorRNG
+from evomerge.merge.trim import Band, magnitude_keys, order_statistics, streamed_statistics
 
 # sparsifier(delta, params_of_this_source, rng) -> mask (bool or float, same shape) or None for "keep all"
 Sparsifier = Callable[[torch.Tensor, dict[str, float], TensorRNG | None], torch.Tensor | None]
@@ -73,6 +74,34 @@ def _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) 
     return deltas
 
 
+def _trim_bands(base, sources, params, trim_of, dtype, size) -> list[Band | None]:
+    """Each source's trim band (None: keeps all), found from its delta read chunk by chunk: a
+    magnitude trim never holds the n deltas whole, only a chunk at a time."""
+    n = base.numel()
+    flat_base = base.reshape(-1)
+    scratch = torch.empty(min(size, n), dtype=dtype, device=base.device)
+    bands: list[Band | None] = []
+    for source, p in zip(sources, params):
+        trim, flat = trim_of(n, p), source.reshape(-1)
+        if trim is None:
+            bands.append(None)
+            continue
+        if trim.lo >= trim.hi or (trim.lo == 0 and trim.hi == n):
+            bands.append(trim.whole_band(None))
+            continue
+
+        def keys_of(start: int, stop: int, flat=flat) -> torch.Tensor:
+            delta = scratch[: stop - start].copy_(flat[start:stop]).sub_(flat_base[start:stop].to(dtype))
+            return magnitude_keys(delta)
+
+        statistics = streamed_statistics(n, trim.ranks(), size, keys_of)
+        if statistics is None:  # the sample missed: read the keys whole
+            statistics = order_statistics(torch.cat([keys_of(s, min(s + size, n)).clone() for s in range(0, n, size)]),
+                                          trim.ranks())
+        bands.append(trim.band(statistics))
+    return bands
+
+
 def generalized_task_arithmetic(
     base: torch.Tensor,
     sources: Sequence[torch.Tensor],
@@ -92,7 +121,9 @@ def generalized_task_arithmetic(
         raise EvomergeError(f"rescale_mode must be one of {RESCALE_MODES}, got {rescale_mode!r}")
     weights = torch.tensor([p["weight"] for p in params], dtype=dtype, device=base.device)
     sparse = sparsifier is not None and any(p.get("density", 1.0) < 1 for p in params)
-    deltas = _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) if sparse else None
+    trim_of = getattr(sparsifier, "trim_of", None)
+    banded = sparse and trim_of is not None and rescale_mode is None  # trims by rank, chunk by chunk
+    deltas = _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) if sparse and not banded else None
     n, numel = len(sources), base.numel()
     flat_out, flat_base, flat_sources = out.view(-1), base.reshape(-1), [s.reshape(-1) for s in sources]
     rows = deltas.view(n, -1) if deltas is not None else None
@@ -106,12 +137,17 @@ def generalized_task_arithmetic(
     size = max(1, min(cache_chunk(base.device.type) if running else chunk_elements(base.device), numel))
     base_buf, acc = (torch.empty(size, dtype=dtype, device=base.device) for _ in range(2))
     delta_buf = torch.empty((1 if running else n, size), dtype=dtype, device=base.device) if rows is None else None
+    bands = _trim_bands(base, sources, params, trim_of, dtype, size) if banded else [None] * n
 
     def delta(i: int, start: int, stop: int, base_c: torch.Tensor) -> torch.Tensor:
-        """Source i's delta over [start, stop): a slice of the sparsified deltas, or computed into scratch."""
+        """Source i's delta over [start, stop): a slice of the sparsified deltas, or computed (and
+        trimmed by its band) into scratch."""
         if rows is not None:
             return rows[i, start:stop]
-        return delta_buf[0 if running else i, : stop - start].copy_(flat_sources[i][start:stop]).sub_(base_c)
+        chunk = delta_buf[0 if running else i, : stop - start].copy_(flat_sources[i][start:stop]).sub_(base_c)
+        if bands[i] is not None:
+            chunk.mul_(bands[i].mask(magnitude_keys(chunk), start).to(dtype))
+        return chunk
 
     for start in range(0, numel, size):
         stop = min(start + size, numel)

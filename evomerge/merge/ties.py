@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
-from evomerge.merge.rng import TensorRNG
 from evomerge.merge.task_arithmetic import generalized_task_arithmetic
-from evomerge.merge.trim import largest, magnitude_keys
+from evomerge.merge.trim import Trim, by_rank
 
 
-def magnitude_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
+def kept_largest(n: int, params: dict[str, float]) -> Trim | None:
     """Keep the max(1, int(density * numel)) largest |delta| over the whole tensor (mergekit's rule)."""
     density = params["density"]
     if density >= 1:
         return None
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-    return largest(magnitude_keys(delta), max(1, int(density * delta.numel()))).view(delta.shape)
+    k = 0 if density <= 0 or n == 0 else max(1, int(density * n))
+    return Trim(n, n - k, n, largest=True)
 
+
+magnitude_mask = by_rank(kept_largest)
 
 ties = functools.partial(generalized_task_arithmetic, sparsifier=magnitude_mask, consensus=True)

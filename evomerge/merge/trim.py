@@ -14,13 +14,16 @@ Keys are the bits of |x| read as integers: for non-negative floats they order as
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DIGIT = 16  # bits per histogram
 _SORT_BELOW = 1 << 12  # candidates this few are sorted: cheaper than a 65536-bin histogram (measured)
+_SAMPLE = 1 << 16  # keys sampled to bracket a rank before one streaming pass
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +35,24 @@ class OrderStatistic(NamedTuple):
     value: torch.Tensor  # the key at the asked rank (0-dim)
     below: int  # how many keys are smaller
     ties: torch.Tensor  # positions of the keys equal to it, ascending: ranks below, below + 1, ...
+
+    @property
+    def count(self) -> int:
+        return self.ties.numel()
+
+    def position(self, j: int) -> int:
+        """Where the j-th key equal to the statistic is (0-based, in order of position)."""
+        return int(self.ties[j])
+
+
+class StreamedStatistic(NamedTuple):
+    """An order statistic of keys read chunk by chunk: as OrderStatistic, but the positions of
+    its equal keys are found on demand (`position(j)` rereads one chunk), never all gathered."""
+
+    value: int
+    below: int
+    count: int
+    position: Callable[[int], int]
 
 
 def order_statistics(keys: torch.Tensor, ranks: list[int]) -> list[OrderStatistic]:
@@ -77,34 +98,166 @@ def _sorted_statistic(candidates: torch.Tensor, rank: int, positions: torch.Tens
     return OrderStatistic(value, below + first, positions[order[first:stop]])  # a stable sort keeps ties in position order
 
 
+class Band(NamedTuple):
+    """The entries of one delta a trim keeps: keys strictly above `above` and strictly below
+    `below` (None: unbounded), plus, for each (value, start, stop) in `runs`, the keys equal to
+    `value` at positions [start, stop): the equal magnitudes at a bound that a stable sort puts
+    inside the band are a run of positions. Comparisons only, so it applies chunk by chunk."""
+
+    above: int | None
+    below: int | None
+    runs: tuple[tuple[int, int, int], ...] = ()
+
+    def mask(self, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Bool mask of `keys`, the entries at positions [start, start + keys.numel())."""
+        keep = keys > self.above if self.above is not None else torch.ones_like(keys, dtype=torch.bool)
+        if self.below is not None:
+            keep &= keys < self.below
+        for value, first, stop in self.runs:
+            first, stop = max(first - start, 0), min(stop - start, keys.numel())
+            if first < stop:
+                keep[first:stop] |= keys[first:stop] == value
+        return keep
+
+
+_NOTHING = Band(0, 0)  # keys are >= 0: none is > 0 and < 0
+
+
+@dataclass(frozen=True)
+class Trim:
+    """Which ranks of a delta's n magnitudes a trim keeps: the `hi - lo` largest, equal magnitudes
+    taken in order of position (TIES: the first k of a stable descending sort), or with
+    `largest=False` the ascending ranks [lo, hi) of a stable ascending sort (breadcrumbs)."""
+
+    n: int
+    lo: int
+    hi: int
+    largest: bool
+
+    def ranks(self) -> list[int]:
+        """The ascending order statistics the band's bounds come from."""
+        return [self.lo] if self.largest else [self.lo, self.hi - 1]
+
+    def band(self, statistics: list[OrderStatistic]) -> Band:
+        if self.largest:  # the first `need` equal magnitudes at the threshold, by position
+            (threshold,) = statistics
+            value = int(threshold.value)
+            need = self.hi - self.lo - (self.n - threshold.below - threshold.count)
+            return Band(value, None, ((value, 0, threshold.position(need - 1) + 1),))
+        first, last = statistics
+        low, high = int(first.value), int(last.value)
+        from_ = first.position(self.lo - first.below)  # ascending ranks: the later equal magnitudes at the low end
+        upto = last.position(self.hi - 1 - last.below) + 1  # and the earlier ones at the high end
+        if low == high:
+            return Band(low, low, ((low, from_, upto),))
+        return Band(low, high, ((low, from_, self.n), (high, 0, upto)))
+
+    def mask(self, keys: torch.Tensor) -> torch.Tensor:
+        """The whole tensor's bool mask."""
+        return self.whole_band(keys).mask(keys)
+
+    def whole_band(self, keys: torch.Tensor) -> Band:
+        if self.lo >= self.hi:
+            return _NOTHING
+        if self.lo == 0 and self.hi == self.n:
+            return Band(None, None)
+        return self.band(order_statistics(keys, self.ranks()))
+
+
 def rank_band(keys: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Bool mask of the entries at positions [lo, hi) of a stable ascending sort of `keys`."""
     n = keys.numel()
-    lo, hi = max(lo, 0), min(hi, n)
-    if lo >= hi:
-        return torch.zeros(n, dtype=torch.bool, device=keys.device)
-    if lo == 0 and hi == n:
-        return torch.ones(n, dtype=torch.bool, device=keys.device)
-    first, last = order_statistics(keys, [lo, hi - 1])
-    if bool(first.value == last.value):
-        mask = torch.zeros(n, dtype=torch.bool, device=keys.device)
-        mask[first.ties[lo - first.below: hi - first.below]] = True
-        return mask
-    mask = (keys > first.value) & (keys < last.value)
-    mask[first.ties[lo - first.below:]] = True
-    mask[last.ties[: hi - last.below]] = True
-    return mask
+    return Trim(n, max(lo, 0), min(hi, n), largest=False).mask(keys)
 
 
 def largest(keys: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k largest keys, equal keys taken in order of position: the first k of a
     stable descending sort."""
     n = keys.numel()
-    k = max(0, min(k, n))
-    if k == 0 or k == n:
-        return torch.full((n,), k == n, dtype=torch.bool, device=keys.device)
-    (threshold,) = order_statistics(keys, [n - k])
-    mask = keys > threshold.value
-    greater = n - threshold.below - threshold.ties.numel()
-    mask[threshold.ties[: k - greater]] = True
-    return mask
+    return Trim(n, n - max(0, min(k, n)), n, largest=True).mask(keys)
+
+
+def streamed_statistics(n: int, ranks: list[int], size: int,
+                        keys_of: Callable[[int, int], torch.Tensor]) -> list[StreamedStatistic] | None:
+    """The order statistics of n keys that are read chunk by chunk, never held whole.
+
+    `keys_of(start, stop)` gives the keys at positions [start, stop) (it may reuse one buffer);
+    `size` is the chunk length.
+    A strided sample of the keys brackets each rank (4 standard deviations of its binomial count
+    either side). One pass counts the keys below each bracket and gathers the values inside it
+    (a bracket of a single value, as a tie-heavy bf16 delta gives, is only counted), among which
+    the same selection as for a whole tensor gives the statistic exactly. None when a bracket
+    missed its rank (the sample misled: rare), for the caller to read the keys whole."""
+    step = max(1, n // _SAMPLE)
+    drawn = torch.cat([keys_of(s, min(s + size, n))[(-s) % step::step].clone() for s in range(0, n, size)])
+    drawn = drawn.sort().values
+    m = drawn.numel()
+    brackets = []
+    for rank in ranks:
+        at, q = rank * m // n, rank / n
+        margin = int(4 * math.sqrt(m * q * (1 - q))) + 8
+        brackets.append((int(drawn[at - margin]) if at - margin >= 0 else 0,
+                         int(drawn[at + margin]) if at + margin < m else None))
+    wide = [low != high for low, high in brackets]
+    below = [0] * len(brackets)
+    single_counts: list[list[int]] = [[] for _ in brackets]  # per chunk, keys equal to a one-value bracket
+    gathered: list[torch.Tensor] = []  # per chunk, the keys inside the wide brackets
+    starts = range(0, n, size)
+    for start in starts:
+        keys = keys_of(start, min(start + size, n))
+        inside = None
+        for b, (low, high) in enumerate(brackets):
+            if low > 0:
+                below[b] += int((keys < low).sum())
+            if not wide[b]:
+                single_counts[b].append(int((keys == low).sum()))
+                continue
+            window = keys >= low
+            if high is not None:
+                window &= keys <= high
+            inside = window if inside is None else inside.logical_or_(window)
+        if inside is not None:
+            gathered.append(keys[inside])
+    pool = torch.cat(gathered) if gathered else None
+
+    def locate(value: int, counts: list[int]) -> Callable[[int], int]:
+        def position(j: int) -> int:
+            for start, count in zip(starts, counts):
+                if j < count:
+                    return start + int((keys_of(start, min(start + size, n)) == value).nonzero()[j])
+                j -= count
+            raise IndexError(j)
+        return position
+
+    found = []
+    for b, (rank, (low, high), count) in enumerate(zip(ranks, brackets, below)):
+        if not wide[b]:
+            equal = sum(single_counts[b])
+            if not count <= rank < count + equal:
+                return None
+            found.append(StreamedStatistic(low, count, equal, locate(low, single_counts[b])))
+            continue
+        skipped = int((pool < low).sum()) if low > 0 else 0  # gathered for another bracket, below this one
+        local = rank - count + skipped
+        if not 0 <= local < pool.numel():
+            return None
+        (statistic,) = order_statistics(pool, [local])
+        value = int(statistic.value)
+        if value < low or (high is not None and value > high):
+            return None
+        counts = [int((chunk == value).sum()) for chunk in gathered]
+        found.append(StreamedStatistic(value, count + statistic.below - skipped, statistic.count, locate(value, counts)))
+    return found
+
+
+def by_rank(trim_of: Callable[[int, dict[str, float]], Trim | None]) -> Callable:
+    """A sparsifier (delta, params, rng) -> bool mask from a rule saying which ranks of n
+    magnitudes to keep (None: all). The rule rides along as `.trim_of`, so that a merge can find
+    each delta's band chunk by chunk instead of holding the delta whole."""
+
+    def sparsify(delta: torch.Tensor, params: dict[str, float], rng: object) -> torch.Tensor | None:
+        trim = trim_of(delta.numel(), params)
+        return None if trim is None else trim.mask(magnitude_keys(delta)).view(delta.shape)
+
+    sparsify.trim_of = trim_of
+    return sparsify
