@@ -17,7 +17,7 @@ Another backend (vLLM's `load_weights`, which takes checkpoint names) can consum
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,9 +37,10 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 @torch.no_grad()
 def merged_tensors(recipe: Recipe, inputs: SourceSet,
-                   out: Callable[[str], torch.Tensor | None] = lambda name: None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, merged tensor) for every weight of the recipe's parameter-space merge, in
-    transformers' load order. `out(name)` may give a tensor to write into (else a new float32 one)."""
+                   out: Callable[[str], torch.Tensor | None] = lambda name: None,
+                   only: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, merged tensor) for every weight of the recipe's parameter-space merge (or those
+    in `only`), in transformers' load order. `out(name)` may give a tensor to write into (else a new float32 one)."""
     recipe.check_groups(inputs.n_layers)
     inputs.check_loaded(recipe.refs)
     groups = tensor_groups(inputs, recipe.layer_granularity)
@@ -50,6 +51,8 @@ def merged_tensors(recipe: Recipe, inputs: SourceSet,
                    for tensors, s in zip(sources, recipe.models)]
     per_group = {}
     for name, group in groups.items():
+        if only is not None and name not in only:
+            continue
         if group not in per_group:
             per_group[group] = (recipe.source_params(group), recipe.options(group))
         params, options = per_group[group]
