@@ -62,11 +62,7 @@ def write_checkpoint(inputs: SourceSet, recipe: Recipe, out: str | Path, save_we
         recipe.save(folder / "recipe.yaml")
         mergekit, no_mergekit = None, None
         try:
-            adapters = [r for r, source in inputs.sources.items() if isinstance(source.tensors, lora.AdapterTensors)]
-            if adapters:
-                raise EvomergeError(f"model {adapters[0]!r} is a LoRA adapter, which mergekit names as BASE+ADAPTER: "
-                                    "not written by evomerge yet")
-            mergekit = mergekit_yaml(recipe, inputs.layer_prefixes(), template)
+            mergekit = mergekit_yaml(recipe, inputs.layer_prefixes(), template, adapter_names(inputs))
             (folder / "mergekit.yaml").write_text(mergekit)
         except EvomergeError as exc:
             no_mergekit = str(exc)
@@ -76,6 +72,12 @@ def write_checkpoint(inputs: SourceSet, recipe: Recipe, out: str | Path, save_we
             mergekit=mergekit, no_mergekit=no_mergekit, evidence=evidence))
 
     return write_folder(out, force, fill)
+
+
+def adapter_names(inputs: SourceSet) -> dict[str, str]:
+    """mergekit's name of each LoRA adapter source: `BASE+ADAPTER`, the base as the adapter names it."""
+    return {ref: f"{source.tensors.base_ref}+{ref}" for ref, source in inputs.sources.items()
+            if isinstance(source.tensors, lora.AdapterTensors)}
 
 
 def write_folder(out: str | Path, force: bool, fill: Callable[[Path], None]) -> Path:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 peft = pytest.importorskip("peft")
@@ -195,6 +197,18 @@ def test_cli_merge_of_adapters_writes_a_full_checkpoint(zoo, tmp_path):
     assert done.returncode == 0, done.stderr
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
     assert not _differing(written, _merged(recipe))
+    mergekit = yaml.safe_load((tmp_path / "out" / "mergekit.yaml").read_text())  # adapters named BASE+ADAPTER
+    assert [m["model"] for m in mergekit["models"]] == [f"{zoo['base']}+{zoo[n]}" for n in ("h1", "h2")]
+    assert "--lora-merge-dtype float32" in (tmp_path / "out" / "mergekit.yaml").read_text()
+    assert "mergekit" in ModelCard.load(tmp_path / "out" / "README.md").data.tags
+
+
+def test_factor_composition_has_no_mergekit_config(zoo, tmp_path):
+    _recipe("lora_linear", zoo, {"h1": 0.6, "h2": 0.4}, base=False).save(tmp_path / "recipe.yaml")
+    assert main(["merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert not (tmp_path / "out" / "mergekit.yaml").exists()
+    assert "mergekit merges each adapter into its base first" in (tmp_path / "out" / "mergekit.yaml.txt").read_text()
+    assert "mergekit" not in ModelCard.load(tmp_path / "out" / "README.md").data.tags
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
