@@ -159,6 +159,27 @@ def test_sources_share_one_base_and_hold_only_factors(zoo):
         assert all(f.A.numel() < base[k].numel() for k, f in adapter.factors.items())
 
 
+def test_candidate_borrows_what_no_adapter_changes_and_never_writes_into_it(zoo):
+    """Where every source holds the base's very tensor and the method keeps its base (task_arithmetic), the
+    candidate's parameter is that tensor; a method that changes it (linear, normalize off) gets its own storage
+    back first, so the base stays as loaded and each merge equals a fresh one."""
+    refs = [str(zoo[n]) for n in ("base", "h1", "h2")]
+    materializer = Materializer(refs, dtype="float32", device="cpu")
+    base = materializer.inputs.tensors[refs[0]]
+    loaded = {k: v.clone() for k, v in base.items()}
+    summed = _recipe("task_arithmetic", zoo, {"h1": 0.6, "h2": 0.4}, base=True)
+    params = dict(materializer.apply(summed).named_parameters())
+    assert params["model.embed_tokens.weight"].data_ptr() == base["model.embed_tokens.weight"].data_ptr()
+    assert params["model.layers.0.self_attn.q_proj.weight"].data_ptr() != base["model.layers.0.self_attn.q_proj.weight"].data_ptr()
+    scaled = Recipe.from_dict({**_recipe("linear", zoo, {"h1": 0.7, "h2": 0.6}, base=False).to_dict(),
+                               "parameters": {"normalize": False}})
+    for recipe in (scaled, summed, scaled):
+        merged = {k: v.clone() for k, v in materializer.apply(recipe).state_dict().items()}
+        assert not _differing(merged, _merged(recipe))
+    assert not _differing(dict(base), loaded)
+    assert params["model.embed_tokens.weight"].data_ptr() != base["model.embed_tokens.weight"].data_ptr()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"use_dora": True}, "sets use_dora"),
     ({"peft_type": "IA3"}, "is a IA3 adapter"),
