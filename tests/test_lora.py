@@ -358,6 +358,26 @@ def test_mixed_ranks_scalings_and_whole_modules_export(zoo, tmp_path):
         f"model.layers.{i}.{m}": r for i in range(2) for m, r in (("self_attn.q_proj", 12), ("self_attn.v_proj", 6))}
 
 
+@pytest.mark.parametrize("method", ["lora_linear", "task_arithmetic"])
+def test_transposed_conv1d_factors_export(tmp_path, method):
+    """GPT-2's Conv1D stores weights transposed (fan_in_fan_out): the adapter says so, and PEFT merges it back."""
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "base")
+    paths = {"base": tmp_path / "base"}
+    for name, seed in (("g1", 7), ("g2", 8)):
+        paths[name] = _adapter(tmp_path / "base", tmp_path / name, seed, GPT2LMHeadModel, r=4, lora_alpha=8,
+                               target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    recipe = _recipe(method, paths, {"g1": 0.8, "g2": -0.3}, base=method == "task_arithmetic")
+    full, peft_merged, config = _export(recipe, tmp_path, paths["base"], GPT2LMHeadModel)
+    assert config["fan_in_fan_out"] and config["target_modules"] == ["c_attn", "c_fc"]
+    full = {k: full[k] for k in peft_merged}
+    if method == "lora_linear":
+        assert not _differing(full, peft_merged)
+    else:
+        _within_ulps(full, peft_merged, 4)
+
+
 def test_target_modules_name_leaves_only_where_every_such_module_is_adapted():
     from evomerge.lora_export import target_modules
 
