@@ -2,11 +2,13 @@
 
 Builds a random ~134M-parameter LLaMA (float32) and three rank-16 PEFT adapters on all seven
 linear projections of every layer, then, each in a fresh process, loads a Materializer over
-(base + 3 adapters) and merges several recipes into the candidate, recording the process's RSS
-(VmRSS) after loading and its peak (VmHWM) over the merges. The same is measured for three
-dense checkpoints (each adapter merged into the base), which is what a search over adapters
-costs without lazy deltas. The bound to meet: peak - RSS before loading <= base + 1 candidate
-+ the factors (+ the scratch of one tensor's merge, which this prints too).
+(base + 3 adapters) and merges several recipes into the candidate, reading every weight of it
+after each merge (as scoring it does: tensors the candidate borrows from the base count once
+touched), recording the process's RSS (VmRSS) after loading and its peak (VmHWM) over the
+merges. The same is measured for three dense checkpoints (each adapter merged into the base),
+which is what a search over adapters costs without lazy deltas. The bound to meet: peak - RSS
+before loading <= base + 1 candidate + the factors (+ the scratch of one tensor's merge, which
+this prints too).
 
     PYTHONPATH=$PWD python bench/lora_memory.py [--workdir /tmp/lora_memory]
     PYTHONPATH=$PWD python bench/lora_memory.py --smoke    # a 2-layer model under bench/out/smoke/: that it runs
@@ -110,8 +112,10 @@ def measure(workdir: Path, kind: str) -> dict[str, float]:
         recipes.append({"method": "lora_linear"})
     for i, recipe in enumerate(recipes):
         weights = [0.3 + 0.2 * i, -0.4, 0.8]
-        materializer.apply(Recipe.from_dict({**recipe, "dtype": "float32", "models": [
+        candidate = materializer.apply(Recipe.from_dict({**recipe, "dtype": "float32", "models": [
             {"model": r, "parameters": {"weight": w}} for r, w in zip(refs[1:], weights)]}))
+        for param in candidate.parameters():  # read every weight, as scoring the candidate does
+            param.sum()
     return {"before": before, "loaded": loaded, "peak": _kib("VmHWM"), "merges": len(recipes)}
 
 

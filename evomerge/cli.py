@@ -31,13 +31,28 @@ def _add_opt_in_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own Python code")
 
 
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--force", action="store_true", help="replace --out (and --adapter) if it exists")
+    p.add_argument("--adapter", metavar="DIR", help="also write the merge as a PEFT LoRA adapter of the sources' base, "
+                                                    "where one expresses it (lora_linear, task_arithmetic or linear "
+                                                    "over LoRA adapters of one base)")
+
+
 def _merge_and_save(recipe, args: argparse.Namespace, device: str | None, evidence=None) -> str:
-    """Merge one recipe into `args.out`: streamed from disk (evomerge.merge.stream), or, for a route or LoRA
-    adapters (small: their base and factors), through the resident Materializer. Returns what was done,
-    for the summary line; `evidence` (a search's trial) goes into the model card."""
+    """Merge one recipe into `args.out` (and `args.adapter`): streamed from disk (evomerge.merge.stream), or,
+    for a route or LoRA adapters (small: their base and factors), through the resident Materializer. Returns
+    what was done, for the summary line; `evidence` (a search's trial) goes into the model card."""
     from evomerge.export import prepare_out_dir
 
     prepare_out_dir(Path(args.out), args.force)  # fail before the slow part
+    if args.adapter:
+        from evomerge.lora_export import adapter_base
+
+        if Path(args.adapter).resolve() == Path(args.out).resolve():
+            raise EvomergeError("--adapter and --out name one folder; give the adapter its own")
+        adapter_base(recipe, allow_pickle=args.allow_pickle)
+        prepare_out_dir(Path(args.adapter), args.force)
     start = time.perf_counter()
     from evomerge.merge.stream import stream_merge, streamable
 
@@ -55,6 +70,12 @@ def _merge_and_save(recipe, args: argparse.Namespace, device: str | None, eviden
     merged = time.perf_counter()
     out = save_checkpoint(materializer, recipe, args.out, force=args.force, trust_remote_code=args.trust_remote_code,
                           evidence=evidence)
+    if args.adapter:
+        from evomerge.lora_export import write_adapter
+
+        out = f"{out} and the adapter " + str(write_adapter(materializer.inputs, recipe, args.adapter, force=args.force,
+                                                            allow_pickle=args.allow_pickle,
+                                                            trust_remote_code=args.trust_remote_code))
     return (f"loaded {len(materializer.sources)} models on {materializer.device} in {loaded - start:.2f} s, "
             f"merged in {merged - loaded:.2f} s, saved {out} in {time.perf_counter() - merged:.2f} s")
 
@@ -177,8 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="materialize a recipe YAML and save it as a Hugging Face checkpoint")
     merge.add_argument("recipe", help="recipe YAML (see runs/examples/) or a mergekit 0.1.x config")
-    merge.add_argument("--out", required=True, help="output checkpoint directory")
-    merge.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_output_flags(merge)
     _add_loading_flags(merge)
     merge.set_defaults(func=cmd_merge)
 
@@ -215,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
     export = study_parser("export", "materialize one trial's recipe and save it like `evomerge merge`")
     export.add_argument("--trial", type=int, required=True, help="trial number (see `evomerge archive`)")
-    export.add_argument("--out", required=True, help="output checkpoint directory")
-    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_output_flags(export)
     _add_loading_flags(export)
     export.set_defaults(func=cmd_export)
 

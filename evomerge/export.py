@@ -56,6 +56,33 @@ def write_checkpoint(inputs: SourceSet, recipe: Recipe, out: str | Path, save_we
     """A checkpoint whose config and weights `save_weights(folder)` writes (from a resident candidate, or
     streamed: evomerge.merge.stream), with the tokenizer, recipe, mergekit config and model card of a merge
     of `inputs`."""
+    def fill(folder: Path) -> None:
+        save_weights(folder)
+        template = save_tokenizer(inputs, recipe, folder, trust_remote_code)
+        recipe.save(folder / "recipe.yaml")
+        mergekit, no_mergekit = None, None
+        try:
+            mergekit = mergekit_yaml(recipe, inputs.layer_prefixes(), template, adapter_names(inputs))
+            (folder / "mergekit.yaml").write_text(mergekit)
+        except EvomergeError as exc:
+            no_mergekit = str(exc)
+            (folder / "mergekit.yaml.txt").write_text(f"No mergekit equivalent: {exc}\n")
+        (folder / "README.md").write_text(model_card(
+            recipe, name=Path(out).name, config=inputs.config, source_dirs=inputs.paths,
+            mergekit=mergekit, no_mergekit=no_mergekit, evidence=evidence))
+
+    return write_folder(out, force, fill)
+
+
+def adapter_names(inputs: SourceSet) -> dict[str, str]:
+    """mergekit's name of each LoRA adapter source: `BASE+ADAPTER`, the base as the adapter names it."""
+    return {ref: f"{source.tensors.base_ref}+{ref}" for ref, source in inputs.sources.items()
+            if isinstance(source.tensors, lora.AdapterTensors)}
+
+
+def write_folder(out: str | Path, force: bool, fill: Callable[[Path], None]) -> Path:
+    """`fill(folder)` writes into a temporary sibling of `out`, renamed to `out` at the end, so an
+    interrupted export never leaves a half-written folder under the requested name."""
     out = Path(out)
     prepare_out_dir(out, force)
     try:
@@ -63,23 +90,7 @@ def write_checkpoint(inputs: SourceSet, recipe: Recipe, out: str | Path, save_we
     except OSError as exc:
         raise EvomergeError(f"cannot write in {out.parent}: {exc.strerror}") from None
     try:
-        save_weights(tmp)
-        template = save_tokenizer(inputs, recipe, tmp, trust_remote_code)
-        recipe.save(tmp / "recipe.yaml")
-        mergekit, no_mergekit = None, None
-        try:
-            adapters = [r for r, source in inputs.sources.items() if isinstance(source.tensors, lora.AdapterTensors)]
-            if adapters:
-                raise EvomergeError(f"model {adapters[0]!r} is a LoRA adapter, which mergekit names as BASE+ADAPTER: "
-                                    "not written by evomerge yet")
-            mergekit = mergekit_yaml(recipe, inputs.layer_prefixes(), template)
-            (tmp / "mergekit.yaml").write_text(mergekit)
-        except EvomergeError as exc:
-            no_mergekit = str(exc)
-            (tmp / "mergekit.yaml.txt").write_text(f"No mergekit equivalent: {exc}\n")
-        (tmp / "README.md").write_text(model_card(
-            recipe, name=out.name, config=inputs.config, source_dirs=inputs.paths,
-            mergekit=mergekit, no_mergekit=no_mergekit, evidence=evidence))
+        fill(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

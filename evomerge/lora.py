@@ -130,6 +130,13 @@ def stand_in(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     return tensors.stand_in() if isinstance(tensors, AdapterTensors) else tensors
 
 
+def held(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The tensor object `tensors` holds at `name`, building nothing: None where an adapter changes it."""
+    if isinstance(tensors, AdapterTensors):
+        return None if name in tensors.factors or name in tensors.replaced else tensors.base[name]
+    return tensors[name]
+
+
 def low_rank_term(tensors: Mapping[str, torch.Tensor], name: str, ref: str) -> LowRankTerm:
     if not isinstance(tensors, AdapterTensors):
         raise EvomergeError(f"model {ref!r} is not a LoRA adapter; lora_linear composes the factors of "

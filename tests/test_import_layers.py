@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("evomerge.config",)),
     ("merge and models", ("evomerge.merge", "evomerge.models", "evomerge.layouts", "evomerge.routing",
                           "evomerge.routing_layouts", "evomerge.vocab", "evomerge.export", "evomerge.mergekit_yaml",
-                          "evomerge.mergekit_in", "evomerge.model_card", "evomerge.lora")),
+                          "evomerge.mergekit_in", "evomerge.model_card", "evomerge.lora", "evomerge.lora_export")),
     ("specs", ("evomerge.recipe", "evomerge.search_space", "evomerge.merge.methods", "evomerge.fitness.spec",
                "evomerge.backends.vllm_options")),
     ("base", ("evomerge.errors", "evomerge.yamlio", "evomerge.refs", "evomerge.faults")),

@@ -178,6 +178,26 @@ def test_evomerge_merge_of_a_mergekit_config_is_bit_identical_to_mergekit(method
     assert isinstance(recipe.models[0].parameters["weight"], list)  # expert_rev's gradient, one value per layer
 
 
+@needs_mergekit
+def test_mergekit_yaml_of_adapters_is_bit_identical_in_mergekit(zoo, tmp_path):
+    """The mergekit.yaml written beside a merge of LoRA adapters (BASE+ADAPTER), run as its comment says
+    (adapters merged into the base in float32), gives evomerge's weights."""
+    recipe = Recipe.from_dict({"method": "task_arithmetic", "base_model": f"{zoo}/base", "dtype": "float32",
+                               "layer_granularity": 2, "parameters": {"lambda": 0.8},
+                               "models": [{"model": f"{zoo}/lora_rev", "parameters": {"weight": 0.7}},
+                                          {"model": f"{zoo}/lora_srt", "parameters": {"weight": -0.4}},
+                                          {"model": f"{zoo}/lora_cae", "parameters": {"weight": [0.5, 1.2, 0.9]}}]})
+    recipe.save(tmp_path / "recipe.yaml")
+    assert main(["merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    subprocess.run([MERGEKIT_YAML, str(tmp_path / "ev" / "mergekit.yaml"), str(tmp_path / "mk"), "--lora-merge-cache",
+                    str(tmp_path / "cache"), "--lora-merge-dtype", "float32", "--no-write-model-card",
+                    "--no-copy-tokenizer", "--quiet"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True,
+                   capture_output=True, timeout=300)
+    ours, theirs = load_file(tmp_path / "ev" / "model.safetensors"), load_file(tmp_path / "mk" / "model.safetensors")
+    assert set(ours) == set(theirs)
+    assert sum(int((ours[name] != theirs[name]).sum()) for name in ours) == 0
+
+
 def test_a_mergekit_config_reads_as_the_recipe_it_means(zoo, layout):
     """Independent arithmetic: t = layer / 3 over 4 layers, the value linear between the gradient's ends."""
     recipe = read(yaml.safe_load(CONFIGS["task_arithmetic"].format(zoo=zoo)), layout)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.lora import Factors
 from evomerge.merge.registry import compute_dtype
 
 
@@ -28,15 +29,22 @@ def lora_linear(base, sources, params, options, rng, out):
     dtype = compute_dtype(first.base)
     merged = first.base.to(dtype)
     if terms:
-        layouts = {(tuple(f.A.shape), tuple(f.B.shape), f.fan_in_fan_out) for f, _ in terms}
-        if len(layouts) > 1:
-            raise EvomergeError(f"lora_linear sums the adapters' factors, so they need one rank layout; this tensor has "
-                                f"factors of shapes {sorted(layouts)}: use task_arithmetic (the weighted sum of deltas)")
-        # PEFT's order (task_arithmetic in peft.utils.merge_utils): stack the weighted factors, then sum
-        A = torch.stack([f.A.to(dtype) * (w * f.scaling) for f, w in terms]).sum(dim=0)
-        B = torch.stack([f.B.to(dtype) * w for f, w in terms]).sum(dim=0)
+        B, A = composed_factors(terms, dtype)
         product = B @ A
         merged = merged + (product.T if terms[0][0].fan_in_fan_out else product)
     if out is None:
         return merged if merged is not first.base else merged.clone()
     return out.copy_(merged)
+
+
+def composed_factors(terms: list[tuple[Factors, float]], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum w_i B_i, sum w_i s_i A_i) of (factors, weight) terms, as the kernel multiplies them; also what a
+    PEFT adapter of the composition stores (evomerge.lora_export), so PEFT's merge of it is this one's."""
+    layouts = {(tuple(f.A.shape), tuple(f.B.shape), f.fan_in_fan_out) for f, _ in terms}
+    if len(layouts) > 1:
+        raise EvomergeError(f"lora_linear sums the adapters' factors, so they need one rank layout; this tensor has "
+                            f"factors of shapes {sorted(layouts)}: use task_arithmetic (the weighted sum of deltas)")
+    # PEFT's order (task_arithmetic in peft.utils.merge_utils): stack the weighted factors, then sum
+    A = torch.stack([f.A.to(dtype) * (w * f.scaling) for f, w in terms]).sum(dim=0)
+    B = torch.stack([f.B.to(dtype) * w for f, w in terms]).sum(dim=0)
+    return B, A

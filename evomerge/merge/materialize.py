@@ -17,7 +17,7 @@ Another backend (vLLM's `load_weights`, which takes checkpoint names) can consum
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,9 +37,10 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 @torch.no_grad()
 def merged_tensors(recipe: Recipe, inputs: SourceSet,
-                   out: Callable[[str], torch.Tensor | None] = lambda name: None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, merged tensor) for every weight of the recipe's parameter-space merge, in
-    transformers' load order. `out(name)` may give a tensor to write into (else a new float32 one)."""
+                   out: Callable[[str], torch.Tensor | None] = lambda name: None,
+                   only: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, merged tensor) for every weight of the recipe's parameter-space merge (or those
+    in `only`), in transformers' load order. `out(name)` may give a tensor to write into (else a new float32 one)."""
     recipe.check_groups(inputs.n_layers)
     inputs.check_loaded(recipe.refs)
     groups = tensor_groups(inputs, recipe.layer_granularity)
@@ -50,6 +51,8 @@ def merged_tensors(recipe: Recipe, inputs: SourceSet,
                    for tensors, s in zip(sources, recipe.models)]
     per_group = {}
     for name, group in groups.items():
+        if only is not None and name not in only:
+            continue
         if group not in per_group:
             per_group[group] = (recipe.source_params(group), recipe.options(group))
         params, options = per_group[group]
@@ -84,6 +87,7 @@ class Materializer:
         self.n_layers = self.inputs.n_layers
         self._params = dict(self.candidate.named_parameters())
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
+        self._borrowed: set[str] = set()  # parameters whose storage is a source's tensor, never written into
 
     @classmethod
     def for_recipe(cls, recipe: Recipe, **kwargs) -> "Materializer":
@@ -109,13 +113,36 @@ class Materializer:
         return self.model
 
     def _merge(self, recipe: Recipe) -> None:
-        for name, tensor in merged_tensors(recipe, self.inputs, out=self._target):
+        borrowed = self._unchanged(recipe)
+        for name, tensor in borrowed.items():
+            param = self.inputs.weights.targets[name].param
+            self._params[param].data = tensor
+            self._borrowed.add(param)
+        rest = set(self.inputs.weights.names) - set(borrowed)
+        for name, tensor in merged_tensors(recipe, self.inputs, out=self._target, only=rest):
             self._write(name, tensor)
+
+    def _unchanged(self, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """The tensors the merge gives back as they are: every source holds that very tensor object, the method
+        keeps its base there, and the candidate's parameter has its dtype and device."""
+        if not get_method(recipe.method).keeps_base:
+            return {}
+        unchanged = {}
+        for name, target in self.inputs.weights.targets.items():
+            held = [lora.held(self.inputs.tensors[ref], name) for ref in recipe.refs]
+            param = self._params[target.param]
+            if target.pattern is None and held[0] is not None and all(t is held[0] for t in held) \
+                    and (held[0].dtype, held[0].device) == (param.dtype, param.device):
+                unchanged[name] = held[0]
+        return unchanged
 
     def _target(self, name: str) -> torch.Tensor:
         """The candidate parameter a checkpoint tensor is, to merge straight into; for a member of a fused
         parameter, a tensor of the parameter's dtype that holds it until the group is complete."""
         target = self.inputs.weights.targets[name]
+        if target.param in self._borrowed:  # a source's tensor: never written into
+            self._params[target.param].data = torch.empty_like(self._params[target.param].data)
+            self._borrowed.discard(target.param)
         param = self._params[target.param].data
         if target.pattern is None:
             return param

@@ -27,6 +27,7 @@ class MergeMethod:
     max_sources: int | None = None
     random: bool = False
     low_rank: bool = False  # reads LoRA factors (evomerge.lora.LowRankTerm) instead of dense source tensors
+    keeps_base: bool = False  # gives the base back where every source is the base (a -0.0 aside: it adds +0.0)
 
 
 def _task_arithmetic_family(name: str, reference: str, kernel: str, *, sparse: bool, normalize: bool, rescale: bool,
@@ -38,7 +39,7 @@ def _task_arithmetic_family(name: str, reference: str, kernel: str, *, sparse: b
         source_params["density"] = 1.0
         options.update(rescale=rescale, rescale_mode="l1")
     source_params.update(extra_params or {})
-    return MergeMethod(name, reference, kernel, source_params, options, random=random)
+    return MergeMethod(name, reference, kernel, source_params, options, random=random, keeps_base=True)
 
 
 _TIES, _DARE, _BREADCRUMBS, _DELLA = (f"https://arxiv.org/abs/{n}" for n in ("2306.01708", "2311.03099", "2312.06795",
@@ -47,7 +48,7 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("linear", "https://arxiv.org/abs/2203.05482", "linear:linear", {"weight": None}, {"normalize": True},
                 needs_base=False),
     MergeMethod("lora_linear", "https://arxiv.org/abs/2307.13269", "lora_linear:lora_linear", {"weight": None},
-                needs_base=False, low_rank=True),
+                needs_base=False, low_rank=True, keeps_base=True),
     MergeMethod("slerp", "https://en.wikipedia.org/wiki/Slerp", "slerp:slerp", {}, {"t": None}, max_sources=1),
     MergeMethod("model_stock", "https://arxiv.org/abs/2403.19522", "model_stock:model_stock", {}, {"filter_wise": False},
                 min_sources=2),
