@@ -15,8 +15,8 @@ So a good merge, which transfers every expert's length generalisation at once, b
 expert on the mean of the skills, which is what the evolutionary search should find.
 
 Beside the experts, ``lora_<skill>`` are rank-8 LoRA adapters of the base (PEFT's format, float32
-factors on every linear projection) trained on the same mixtures: the sources of the LoraHub
-setting (``runs/zoo_lorahub.yaml``).
+factors on every linear projection) trained on the same mixtures from one shared A init (as one
+training script with a fixed seed gives): the sources of the LoraHub setting (``runs/zoo_lorahub.yaml``).
 
 Everything (data, init, thread count) is pinned, so a rebuild reproduces the shipped
 safetensors bit for bit on the same software stack.
@@ -74,6 +74,10 @@ COPY_LENGTHS = (3, 8)
 LORA_RANK, LORA_ALPHA = 8, 16
 LORA_STEPS, LORA_LR = 300, 1e-2  # low-rank factors need a larger step than full fine-tuning
 LORA_THREADS = 1  # tiny matmuls: one thread is as fast, and far faster on a busy host
+# One A init for every adapter (B starts at zero, as PEFT's): adapters trained by one script with a fixed
+# seed share it, and LoraHub's factor composition (sum w_i B_i)(sum w_i A_i) relies on that (its cross terms
+# B_i A_j are noise between unrelated A's).
+LORA_INIT_SEED = INIT_SEED
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # A mixture is a list of (task, min_len, max_len), sampled uniformly.
@@ -318,13 +322,15 @@ def build_zoo(
 def build_lora_adapters(base: LlamaForCausalLM, base_dir: Path, *, steps_scale: float = 1.0, first_seed: int = 4,
                         log: Callable[[str], None] = lambda _msg: None) -> dict[str, Path]:
     """Train one LoRA adapter per skill on ``base`` (saved in ``base_dir``; its experts' mixture, replay
-    included) and save each beside the base in PEFT's format. Stage k's seeds are ``first_seed + k``:
-    build_zoo passes 4 (after the base and three experts), so the adapters follow the experts' streams."""
+    included) and save each beside the base in PEFT's format. Stage k's data stream is ``first_seed + k``:
+    build_zoo passes 4 (after the base and three experts), so the adapters follow the experts' streams.
+    Every adapter starts from one A init (LORA_INIT_SEED; B starts at zero), as adapters trained by one
+    script with a fixed seed do (LoraHub's modules, many Hub adapters): their A factors share a start."""
     tokenizer = build_tokenizer()
     paths = {}
     for k, skill in enumerate(SKILLS):
         name, steps, seed = f"lora_{skill}", max(1, round(LORA_STEPS * steps_scale)), first_seed + k
-        adapted, factors = _with_lora(base, seed=INIT_SEED + seed)
+        adapted, factors = _with_lora(base, seed=LORA_INIT_SEED)
         loss = _train(adapted, tokenizer, _expert_mixture(skill), steps=steps, lr=LORA_LR, seed=TRAIN_SEED + seed)
         paths[name] = base_dir.parent / name
         _save_lora(factors, base_dir, tokenizer, paths[name])
