@@ -15,8 +15,9 @@ So a good merge, which transfers every expert's length generalisation at once, b
 expert on the mean of the skills, which is what the evolutionary search should find.
 
 Beside the experts, ``lora_<skill>`` are rank-8 LoRA adapters of the base (PEFT's format, float32
-factors on every linear projection) trained on the same mixtures: the sources of the LoraHub
-setting (``runs/zoo_lorahub.yaml``).
+factors on every linear projection) trained on the same mixtures from one shared A init (as one
+training script with a fixed seed gives), A at 1/16 of B's learning rate (LoRA+), so each A stays near
+that init (cos ~0.98 between adapters): the sources of the LoraHub setting (``runs/zoo_lorahub.yaml``).
 
 Everything (data, init, thread count) is pinned, so a rebuild reproduces the shipped
 safetensors bit for bit on the same software stack.
@@ -73,7 +74,15 @@ BASE_SKILL_LENGTHS = (3, 5)
 COPY_LENGTHS = (3, 8)
 LORA_RANK, LORA_ALPHA = 8, 16
 LORA_STEPS, LORA_LR = 300, 1e-2  # low-rank factors need a larger step than full fine-tuning
+# LoRA+ (Hayou et al., 2024, its default ratio): A trains at LORA_LR / 16, B at LORA_LR. At one rate the
+# zoo's tiny width and large step move A by ~130% of its init norm, so adapters that share the init end
+# with unrelated A's (cos ~0.4); at 1/16, A moves ~16% (cos ~0.98) and the own-skill accuracy stays.
+LORA_PLUS_RATIO = 16
 LORA_THREADS = 1  # tiny matmuls: one thread is as fast, and far faster on a busy host
+# One A init for every adapter (B starts at zero, as PEFT's): adapters trained by one script with a fixed
+# seed share it, and LoraHub's factor composition (sum w_i B_i)(sum w_i A_i) relies on that (its cross terms
+# B_i A_j are noise between unrelated A's).
+LORA_INIT_SEED = INIT_SEED
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # A mixture is a list of (task, min_len, max_len), sampled uniformly.
@@ -195,10 +204,12 @@ def _train(
     steps: int,
     lr: float,
     seed: int,
+    groups: list[dict] | None = None,
 ) -> float:
-    """Train ``model`` in place on batches from ``mixture``; returns the final-step loss."""
+    """Train ``model`` in place on batches from ``mixture``; returns the final-step loss. ``groups``:
+    optimizer parameter groups (each may set its own lr) instead of all parameters at ``lr``."""
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters() if groups is None else groups, lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
     model.train()
     loss = torch.tensor(float("nan"))
@@ -318,14 +329,19 @@ def build_zoo(
 def build_lora_adapters(base: LlamaForCausalLM, base_dir: Path, *, steps_scale: float = 1.0, first_seed: int = 4,
                         log: Callable[[str], None] = lambda _msg: None) -> dict[str, Path]:
     """Train one LoRA adapter per skill on ``base`` (saved in ``base_dir``; its experts' mixture, replay
-    included) and save each beside the base in PEFT's format. Stage k's seeds are ``first_seed + k``:
-    build_zoo passes 4 (after the base and three experts), so the adapters follow the experts' streams."""
+    included) and save each beside the base in PEFT's format. Stage k's data stream is ``first_seed + k``:
+    build_zoo passes 4 (after the base and three experts), so the adapters follow the experts' streams.
+    Every adapter starts from one A init (LORA_INIT_SEED; B starts at zero), as adapters trained by one
+    script with a fixed seed do (LoraHub's modules, many Hub adapters): their A factors share a start."""
     tokenizer = build_tokenizer()
     paths = {}
     for k, skill in enumerate(SKILLS):
         name, steps, seed = f"lora_{skill}", max(1, round(LORA_STEPS * steps_scale)), first_seed + k
-        adapted, factors = _with_lora(base, seed=INIT_SEED + seed)
-        loss = _train(adapted, tokenizer, _expert_mixture(skill), steps=steps, lr=LORA_LR, seed=TRAIN_SEED + seed)
+        adapted, factors = _with_lora(base, seed=LORA_INIT_SEED)
+        groups = [{"params": [f.A for f in factors.values()], "lr": LORA_LR / LORA_PLUS_RATIO},
+                  {"params": [f.B for f in factors.values()]}]
+        loss = _train(adapted, tokenizer, _expert_mixture(skill), steps=steps, lr=LORA_LR, seed=TRAIN_SEED + seed,
+                      groups=groups)
         paths[name] = base_dir.parent / name
         _save_lora(factors, base_dir, tokenizer, paths[name])
         log(f"{name}: {steps} steps, loss {loss:.4f}")
