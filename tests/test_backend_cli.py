@@ -25,7 +25,7 @@ from reliability.harness import need_backend, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = str(REPO / "evaluators" / "tasks")
-N_TRIALS = 8
+N_TRIALS = 5
 ZOO_GEN = {"kind": "lm_eval", "tasks": ["zoo_gen"], "split": "search", "include_path": TASKS, "limit": 200,
            "objectives": [{"name": "gen", "metric": "zoo_gen/exact_match"},
                           {"name": "layers", "metric": "path_length", "direction": "minimize"}],

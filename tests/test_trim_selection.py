@@ -199,8 +199,8 @@ def streamed_band(delta, trim_rule, size):
     return torch.cat([band.mask(keys[s:s + size], s) for s in range(0, n, size)])
 
 
-@pytest.mark.parametrize("sample", [4, 64, trim._SAMPLE], ids=["tiny-sample", "small-sample", "default"])
-@pytest.mark.parametrize("size", [97, 1000, 1 << 20])
+@pytest.mark.parametrize("sample", [64, trim._SAMPLE], ids=["small-sample", "default"])
+@pytest.mark.parametrize("size", [97, 1 << 20])
 @pytest.mark.parametrize("name,delta", STREAM_CASES, ids=[c[0] for c in STREAM_CASES])
 def test_streamed_band_is_the_whole_tensor_band(name, delta, size, sample, monkeypatch):
     """Every TIES and breadcrumbs band found chunk by chunk (the sample small enough that brackets
