@@ -75,7 +75,11 @@ def read_layout(ref: str, allow_pickle: bool = False, trust_remote_code: bool = 
     from evomerge.models import load_config, load_tensors, weight_files
     from evomerge.refs import resolve_path
 
+    from evomerge import lora
+
     path = resolve_path(ref, allow_pickle=allow_pickle)
+    if lora.is_adapter(path):  # an adapter has its base's tensors
+        return read_layout(lora.read_config(path, ref)["base_model_name_or_path"], allow_pickle, trust_remote_code)
     config = load_config(path, ref, trust_remote_code)
     files, pickled = weight_files(path, ref, allow_pickle)
     if pickled:
@@ -199,9 +203,28 @@ class MergekitConfig:
         if not isinstance(value, str) or not value:
             raise EvomergeError(f"{self.where}: {key}: expected a model path or hub id, got {value!r}")
         if "+" in value and not Path(value).is_dir():
-            raise EvomergeError(f"{self.where}: {key}: {value!r} applies a LoRA (mergekit's model+lora), "
-                                "which evomerge does not read here; merge the adapter into its model first")
+            return self._adapter_ref(value, key)
         return value
+
+    def _adapter_ref(self, value: str, key: str) -> str:
+        """mergekit's BASE+ADAPTER (a LoRA applied to BASE) is evomerge's reference to the adapter,
+        which stands for the base its adapter_config.json names: refused unless that base is BASE."""
+        from evomerge import lora
+        from evomerge.refs import resolve_path
+
+        if value.count("+") != 1:
+            raise EvomergeError(f"{self.where}: {key}: {value!r}: expected BASE+ADAPTER, one '+'")
+        base, adapter = value.split("+")
+        path = resolve_path(adapter)
+        if not lora.is_adapter(path):
+            raise EvomergeError(f"{self.where}: {key}: {value!r}: {adapter!r} is not a PEFT adapter folder "
+                                f"({lora.CONFIG} + {lora.WEIGHTS})")
+        named = lora.read_config(path, adapter)["base_model_name_or_path"]
+        if named != base and not (Path(named).is_dir() and Path(base).is_dir()
+                                  and Path(named).resolve() == Path(base).resolve()):
+            raise EvomergeError(f"{self.where}: {key}: {value!r}: the adapter adapts {named!r} ({lora.CONFIG}), not "
+                                f"{base!r}; evomerge applies an adapter to the base it names")
+        return adapter
 
     @cached_property
     def layout(self) -> Layout:

@@ -11,7 +11,8 @@ from evomerge.errors import EvomergeError
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # What transformers loads (model*.safetensors and its index; not e.g. Mistral's consolidated.safetensors,
 # a second copy of the weights in another naming), tokenizer files and chat templates (*.jinja).
-_HUB_FILES = ["model*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+_HUB_FILES = ["model*.safetensors", "adapter_model.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken",
+              "*.jinja"]  # adapter_model: a PEFT adapter's weights (evomerge.lora)
 
 
 def local_dir(ref: str) -> Path | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -289,3 +290,41 @@ def test_a_search_space_starts_where_a_mergekit_config_is(zoo, tmp_path):
     with pytest.raises(EvomergeError, match=r"gene weight/s0/g1 would start at 0.7, outside its bounds \[0.0, 0.5\]"):
         Genome(space_out, models, f"{zoo}/base", n_layers=4).x0
 
+
+
+def _adapter_recipe(zoo) -> Recipe:
+    return Recipe.from_dict({"method": "task_arithmetic", "base_model": f"{zoo}/base", "dtype": "float32",
+                             "layer_granularity": 2, "parameters": {"lambda": 0.8},
+                             "models": [{"model": f"{zoo}/lora_rev", "parameters": {"weight": 0.7}},
+                                        {"model": f"{zoo}/lora_srt", "parameters": {"weight": [0.5, 1.2, 0.9]}}]})
+
+
+def _mergekit_names(recipe: Recipe, base: str) -> dict[str, str]:
+    return {s.model: f"{base}+{s.model}" for s in recipe.models}
+
+
+def test_adapters_round_trip_as_base_plus_adapter(zoo, monkeypatch):
+    """recipe -> mergekit.yaml (BASE+ADAPTER, the base as the adapter names it) -> the same recipe;
+    the layout of an adapter is its base's."""
+    monkeypatch.chdir(zoo.parent.parent.parent)  # the zoo adapters name their base relative to the repo root
+    recipe = _adapter_recipe(zoo)
+    named = json.loads((zoo / "lora_rev" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    text = mergekit_yaml(recipe, [f"model.layers.{i}." for i in range(4)], adapters=_mergekit_names(recipe, named))
+    assert f"{named}+{zoo}/lora_rev" in text
+    back = from_mergekit(yaml.safe_load(text), "mk.yml", read_layout)
+    assert back.to_dict() == recipe.to_dict()
+    assert read_layout(f"{zoo}/lora_rev") == read_layout(f"{zoo}/base")
+
+
+@pytest.mark.parametrize("name,message", [
+    ("{zoo}/expert_rev+{zoo}/lora_rev", "the adapter adapts"),  # not the base the adapter names
+    ("{named}+{zoo}/expert_rev", "is not a PEFT adapter folder"),
+    ("{named}+{zoo}/lora_rev+x", "one '+'"),
+])
+def test_a_base_plus_adapter_evomerge_cannot_apply_is_refused_in_one_line(zoo, monkeypatch, name, message):
+    monkeypatch.chdir(zoo.parent.parent.parent)
+    named = json.loads((zoo / "lora_rev" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    data = {"merge_method": "task_arithmetic", "base_model": f"{zoo}/base",
+            "models": [{"model": name.format(zoo=zoo, named=named), "parameters": {"weight": 0.5}}]}
+    with pytest.raises(EvomergeError, match=re.escape(message)):
+        from_mergekit(data, "mk.yml", read_layout)
