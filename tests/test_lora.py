@@ -403,13 +403,13 @@ def test_what_no_adapter_expresses_is_refused_in_one_line(tmp_path, capsys, chan
     assert not (tmp_path / "full").exists() and not (tmp_path / "adapter").exists()  # refused before merging
 
 
-def test_a_hub_download_takes_every_file_an_adapter_folder_needs(zoo):
+def test_a_hub_download_takes_every_file_an_adapter_folder_needs():
     """A hub adapter is fetched with the hub file patterns (huggingface_hub's allow_patterns, fnmatch):
     every file of a PEFT adapter folder evomerge reads must match one (the weights once did not)."""
     from fnmatch import fnmatch
 
     from evomerge.refs import _HUB_FILES
 
-    files = [p.name for p in (zoo / "lora_rev").iterdir()]
+    files = [p.name for p in (Path(__file__).resolve().parents[1] / SHIPPED / "lora_rev").iterdir()]
     assert "adapter_model.safetensors" in files
     assert [name for name in files if not any(fnmatch(name, pattern) for pattern in _HUB_FILES)] == []

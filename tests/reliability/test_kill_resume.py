@@ -20,7 +20,10 @@ def test_killed_in_every_phase_resumes_to_the_uninterrupted_search(tmp_path, zoo
     run_to_end(straight, backend)
     killed = write_config(tmp_path, zoo, "killed", sampler, n, backend=backend)
     audit = Audit()
-    for phase in KILL_PHASES:  # each process first completes the retry of the trial killed before
+    # vLLM: the phases where its engine holds the trial (weights swapped in, then scored); sampling and storing
+    # are the search loop's, the same on both backends and killed on HF (one engine start per kill, ~25 s)
+    phases = KILL_PHASES if backend == "hf" else ("materialize", "evaluate")
+    for phase in phases:  # each process first completes the retry of the trial killed before
         assert kill_in_phase(killed, phase, nth=2), phase
         audit.record(killed)
     run_to_end(killed, backend)
