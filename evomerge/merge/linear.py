@@ -1,13 +1,13 @@
 """Linear merge / model soup (Wortsman et al., 2022): a weighted average of the sources.
 
 Accumulates with addcmul into a float32 chunk, as mergekit 0.1.5 does, so results agree
-to the bit; runs chunk by chunk (sized to the CPU's cache) straight into the output tensor."""
+to the bit; runs chunk by chunk (registry.elementwise_chunk) straight into the output tensor."""
 
 from __future__ import annotations
 
 import torch
 
-from evomerge.merge.registry import cache_chunk, compute_dtype
+from evomerge.merge.registry import compute_dtype, elementwise_chunk
 
 
 def linear(base, sources, params, options, rng, out):
@@ -19,7 +19,7 @@ def linear(base, sources, params, options, rng, out):
     total = torch.stack(weights).sum()
     numel = first.numel()
     flat_out, flat_sources = out.view(-1), [s.reshape(-1) for s in sources]
-    chunk = cache_chunk(first.device.type)
+    chunk = elementwise_chunk(first.device.type)
     acc = torch.empty(min(chunk, numel), dtype=dtype, device=first.device)
     buf = torch.empty_like(acc)
     for start in range(0, numel, chunk):

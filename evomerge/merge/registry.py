@@ -39,7 +39,7 @@ def chunk_elements(device: torch.device) -> int:
     return 1 << 18 if device.type == "cpu" else 1 << 26
 
 
-def cache_chunk(device_type: str) -> int:
+def elementwise_chunk(device_type: str) -> int:
     """Elements per step of the elementwise merges, whose results do not depend on it. Each step
     is a handful of torch calls of ~5-10 us each, so small chunks are all call overhead: on this
     project's 2-core EPYC (512 KB L2), idle, a linear merge of three bf16 32000 x 768 tensors

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from evomerge.errors import EvomergeError
-from evomerge.merge.registry import cache_chunk, chunk_elements, compute_dtype
+from evomerge.merge.registry import chunk_elements, compute_dtype, elementwise_chunk
 from evomerge.merge.rng import TensorRNG
 from evomerge.merge.trim import Band, magnitude_keys, order_statistics, streamed_statistics
 
@@ -130,11 +130,11 @@ def generalized_task_arithmetic(
     divisor = weights.sum()
     divisor = torch.ones_like(divisor) if divisor.abs() < 1e-8 else divisor
     # torch's sum over the sources (dim 0) adds them in order, onto zero, up to 4 of them on a CPU
-    # (measured, torch 2.13): a running sum in cache-sized chunks gives its bits. Beyond 4, and on
+    # (measured, torch 2.13): a running sum chunk by chunk gives its bits. Beyond 4, and on
     # other devices, the order depends on the block's width, so the block is summed by torch in
     # fixed chunks (their bits depend on the chunk size, as slerp's do).
     running = not consensus and n <= 4 and base.device.type == "cpu"
-    size = max(1, min(cache_chunk(base.device.type) if running else chunk_elements(base.device), numel))
+    size = max(1, min(elementwise_chunk(base.device.type) if running else chunk_elements(base.device), numel))
     base_buf, acc = (torch.empty(size, dtype=dtype, device=base.device) for _ in range(2))
     delta_buf = torch.empty((1 if running else n, size), dtype=dtype, device=base.device) if rows is None else None
     bands = _trim_bands(base, sources, params, trim_of, dtype, size) if banded else [None] * n
