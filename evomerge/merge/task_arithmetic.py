@@ -83,11 +83,9 @@ def _trim_bands(base, sources, params, trim_of, dtype, size) -> list[Band | None
     bands: list[Band | None] = []
     for source, p in zip(sources, params):
         trim, flat = trim_of(n, p), source.reshape(-1)
-        if trim is None:
-            bands.append(None)
-            continue
-        if trim.lo >= trim.hi or (trim.lo == 0 and trim.hi == n):
-            bands.append(trim.whole_band(None))
+        fixed = trim.fixed_band() if trim is not None else None
+        if trim is None or fixed is not None:
+            bands.append(fixed)
             continue
 
         def keys_of(start: int, stop: int, flat=flat) -> torch.Tensor:

@@ -156,12 +156,17 @@ class Trim:
         """The whole tensor's bool mask."""
         return self.whole_band(keys).mask(keys)
 
-    def whole_band(self, keys: torch.Tensor) -> Band:
+    def fixed_band(self) -> Band | None:
+        """The band when it keeps nothing or everything (no statistic needed), else None."""
         if self.lo >= self.hi:
             return _NOTHING
         if self.lo == 0 and self.hi == self.n:
             return Band(None, None)
-        return self.band(order_statistics(keys, self.ranks()))
+        return None
+
+    def whole_band(self, keys: torch.Tensor) -> Band:
+        fixed = self.fixed_band()
+        return fixed if fixed is not None else self.band(order_statistics(keys, self.ranks()))
 
 
 def rank_band(keys: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
