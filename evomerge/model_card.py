@@ -72,16 +72,25 @@ def model_card(recipe: Recipe, *, name: str, config: Any, source_dirs: Mapping[s
     folders (for their licenses), `mergekit` the mergekit YAML written beside it (else `no_mergekit`, why not)."""
     random = recipe.method is not None and get_method(recipe.method).random
     data = card_data(recipe, config, source_dirs, reproduces_in_mergekit=mergekit is not None and not random)
-    parts = [f"---\n{data.to_yaml()}\n---", f"# {name}", _method(recipe), "## Recipe",
-             f"evomerge's recipe (`evomerge merge recipe.yaml` rebuilds this model):\n\n```yaml\n{recipe.to_yaml()}```",
-             "## mergekit", _mergekit(mergekit, no_mergekit, random)]
+    intro = "This is a merge of pre-trained language models made with evomerge (evolutionary search over merge recipes)."
+    return _card(data, name, [_method(recipe, intro), *_recipe(recipe, "evomerge merge recipe.yaml", "model"),
+                              "## mergekit", _mergekit(mergekit, no_mergekit, random)], evidence)
+
+
+def _card(data: ModelCardData, name: str, sections: list[str], evidence: Evidence | None) -> str:
+    """Front matter, title, the card's own sections, then how a study found it: every card is laid out alike."""
+    parts = [f"---\n{data.to_yaml()}\n---", f"# {name}", *sections]
     if evidence is not None:
         parts += ["## Search", _search(evidence)]
     return "\n\n".join(parts) + "\n"
 
 
-def _method(recipe: Recipe) -> str:
-    lines = ["This is a merge of pre-trained language models made with evomerge (evolutionary search over merge recipes)."]
+def _recipe(recipe: Recipe, command: str, made: str) -> list[str]:
+    return ["## Recipe", f"evomerge's recipe (`{command}` rebuilds this {made}):\n\n```yaml\n{recipe.to_yaml()}```"]
+
+
+def _method(recipe: Recipe, intro: str) -> str:
+    lines = [intro]
     if recipe.method is not None:
         method = get_method(recipe.method)
         base = f" on base `{recipe.base_model}`" if recipe.base_model and method.needs_base else ""
