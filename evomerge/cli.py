@@ -42,7 +42,7 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
 def _merge_and_save(recipe, args: argparse.Namespace, device: str | None, evidence=None) -> str:
     """Merge one recipe into `args.out` (and `args.adapter`): streamed from disk (evomerge.merge.stream), or,
     for a route or LoRA adapters (small: their base and factors), through the resident Materializer. Returns
-    what was done, for the summary line; `evidence` (a search's trial) goes into the model card."""
+    what was done, for the summary line; `evidence` (a search's trial) goes into the model cards."""
     from evomerge.export import prepare_out_dir
 
     prepare_out_dir(Path(args.out), args.force)  # fail before the slow part
@@ -75,7 +75,8 @@ def _merge_and_save(recipe, args: argparse.Namespace, device: str | None, eviden
 
         out = f"{out} and the adapter " + str(write_adapter(materializer.inputs, recipe, args.adapter, force=args.force,
                                                             allow_pickle=args.allow_pickle,
-                                                            trust_remote_code=args.trust_remote_code))
+                                                            trust_remote_code=args.trust_remote_code,
+                                                            evidence=evidence))
     return (f"loaded {len(materializer.sources)} models on {materializer.device} in {loaded - start:.2f} s, "
             f"merged in {merged - loaded:.2f} s, saved {out} in {time.perf_counter() - merged:.2f} s")
 

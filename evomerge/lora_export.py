@@ -15,7 +15,8 @@ an error the full checkpoint does not have). A tensor that some source replaces 
 is saved whole: evomerge's merged tensor there, in the recipe's dtype, as the checkpoint has it.
 Everything else is no low-rank update of one base (sign election and sparsification act per element,
 slerp and model_stock per tensor norm; a route or a re-indexed vocabulary changes the model's shape)
-and is refused in one line, before any model loads.
+and is refused in one line, before any model loads. The folder gets a model card of its own
+(evomerge.model_card.adapter_card), under PEFT's card metadata.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from evomerge.merge.lora_linear import composed_factors
 from evomerge.merge.materialize import merged_tensors, tensor_groups
 from evomerge.merge.methods import get_method
 from evomerge.merge.registry import compute_dtype, resolve_options, resolve_source_params
+from evomerge.model_card import Evidence, adapter_card
 from evomerge.models import SourceSet
 from evomerge.recipe import Recipe
 from evomerge.refs import resolve_path
@@ -166,18 +168,25 @@ def adapter_config(taken: dict[str, Any], ranks: dict[str, int], modules: set[st
 
 
 def write_adapter(inputs: SourceSet, recipe: Recipe, out: str | Path, *, force: bool = False,
-                  allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+                  allow_pickle: bool = False, trust_remote_code: bool = False,
+                  evidence: Evidence | None = None) -> Path:
     """The merge of `recipe` over `inputs` as a PEFT LoRA adapter folder (adapter_config.json,
-    adapter_model.safetensors, the recipe, the merge's tokenizer), or a one-line refusal."""
+    adapter_model.safetensors, the recipe, the merge's tokenizer, a model card with `evidence` from the
+    study in it, for a search's trial), or a one-line refusal."""
     taken = adapter_base(recipe, allow_pickle=allow_pickle)
     tensors, ranks, saved_whole, transposed = adapter_tensors(recipe, inputs)
     modules = {param.rsplit(".", 1)[0] for param in inputs.weights.internal.values()}
     config = adapter_config(taken, ranks, modules, saved_whole, transposed)
+    # the adapters' own folders, for their licenses (inputs.paths holds each adapter's base)
+    folders = {s.model: resolve_path(s.model, allow_pickle=allow_pickle) for s in recipe.models}
+    card = adapter_card(recipe, name=Path(out).name, base=taken["base_model_name_or_path"], config=inputs.config,
+                        source_dirs=folders, evidence=evidence)
 
     def fill(folder: Path) -> None:
         save_file(tensors, folder / lora.WEIGHTS, metadata={"format": "pt"})
         (folder / lora.CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         recipe.save(folder / "recipe.yaml")
         save_tokenizer(inputs, recipe, folder, trust_remote_code)
+        (folder / "README.md").write_text(card)
 
     return write_folder(out, force, fill)

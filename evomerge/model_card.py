@@ -4,6 +4,10 @@ pipeline tag, a license only where every source declares the same one), the meth
 the mergekit config, and for a search's winner (`evomerge export`) how it was found and how it
 and its sources scored on the search fitness and on every held-out spec stored for that trial.
 
+A merge of adapters written as one PEFT adapter (`--adapter`) gets a card of its own with the same
+evidence, under the metadata PEFT's own save_pretrained writes (library_name: peft, base_model = the
+adapters' base, base_model_relation: adapter, lora tags), and how PEFT loads it.
+
 The Hub builds its model tree and search from the front matter; it is written with
 huggingface_hub's own ModelCardData, so it reads back with `ModelCard.load`.
 """
@@ -66,22 +70,58 @@ def card_data(recipe: Recipe, config: Any, source_dirs: Mapping[str, Path], repr
                          pipeline_tag=pipeline_tag(config), tags=tags, base_model_relation="merge")
 
 
+def adapter_card_data(base: str, config: Any, source_dirs: Mapping[str, Path]) -> ModelCardData:
+    """PEFT's own card metadata for a LoRA adapter (library_name peft, the base, the lora and
+    base_model:adapter tags), so the Hub files the merge under its base's adapters."""
+    tags = ["merge", "evomerge", "lora", "transformers", f"base_model:adapter:{base}"]
+    return ModelCardData(base_model=base, library_name="peft", license=shared_license(source_dirs),
+                         pipeline_tag=pipeline_tag(config), tags=tags, base_model_relation="adapter")
+
+
 def model_card(recipe: Recipe, *, name: str, config: Any, source_dirs: Mapping[str, Path], mergekit: str | None,
                no_mergekit: str | None = None, evidence: Evidence | None = None) -> str:
     """README.md text for a merged checkpoint: `config` is its transformers config, `source_dirs` the sources'
     folders (for their licenses), `mergekit` the mergekit YAML written beside it (else `no_mergekit`, why not)."""
     random = recipe.method is not None and get_method(recipe.method).random
     data = card_data(recipe, config, source_dirs, reproduces_in_mergekit=mergekit is not None and not random)
-    parts = [f"---\n{data.to_yaml()}\n---", f"# {name}", _method(recipe), "## Recipe",
-             f"evomerge's recipe (`evomerge merge recipe.yaml` rebuilds this model):\n\n```yaml\n{recipe.to_yaml()}```",
-             "## mergekit", _mergekit(mergekit, no_mergekit, random)]
+    intro = "This is a merge of pre-trained language models made with evomerge (evolutionary search over merge recipes)."
+    return _card(data, name, [_method(recipe, intro), *_recipe(recipe, "evomerge merge recipe.yaml", "model"),
+                              "## mergekit", _mergekit(mergekit, no_mergekit, random)], evidence)
+
+
+def adapter_card(recipe: Recipe, *, name: str, base: str, config: Any, source_dirs: Mapping[str, Path],
+                 evidence: Evidence | None = None) -> str:
+    """README.md text for the merge written as one PEFT LoRA adapter of `base` (as the adapters name it):
+    `config` is the base's transformers config, `source_dirs` the adapters' folders (for their licenses).
+    No mergekit section: mergekit's config of the merge builds the full checkpoint, not this adapter."""
+    intro = (f"This is a LoRA adapter of `{base}` (PEFT): a merge of LoRA adapters made with evomerge (evolutionary "
+             "search over merge recipes).")
+    command = f"evomerge merge recipe.yaml --out merged --adapter {name}"
+    return _card(adapter_card_data(base, config, source_dirs), name,
+                 [_method(recipe, intro), "## Usage", _peft_usage(base, name), *_recipe(recipe, command, "adapter")],
+                 evidence)
+
+
+def _card(data: ModelCardData, name: str, sections: list[str], evidence: Evidence | None) -> str:
+    """Front matter, title, the card's own sections, then how a study found it: every card is laid out alike."""
+    parts = [f"---\n{data.to_yaml()}\n---", f"# {name}", *sections]
     if evidence is not None:
         parts += ["## Search", _search(evidence)]
     return "\n\n".join(parts) + "\n"
 
 
-def _method(recipe: Recipe) -> str:
-    lines = ["This is a merge of pre-trained language models made with evomerge (evolutionary search over merge recipes)."]
+def _recipe(recipe: Recipe, command: str, made: str) -> list[str]:
+    return ["## Recipe", f"evomerge's recipe (`{command}` rebuilds this {made}):\n\n```yaml\n{recipe.to_yaml()}```"]
+
+
+def _peft_usage(base: str, name: str) -> str:
+    return ("Load it on its base with PEFT (`model.merge_and_unload()` then folds it into the base's weights):\n\n"
+            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {name!r})\n```")
+
+
+def _method(recipe: Recipe, intro: str) -> str:
+    lines = [intro]
     if recipe.method is not None:
         method = get_method(recipe.method)
         base = f" on base `{recipe.base_model}`" if recipe.base_model and method.needs_base else ""

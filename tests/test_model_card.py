@@ -1,11 +1,14 @@
 """The model card beside every merged checkpoint: it loads with huggingface_hub's ModelCard
 (offline), its metadata is the Hub's merge metadata, and for an exported trial its table holds
-the study's own scores (search fitness and held-out spec, sources and merge). Also: sources
-that ship no tokenizer still give weights, config and card, with one line saying so."""
+the study's own scores (search fitness and held-out spec, sources and merge). A merge of adapters
+written as one PEFT adapter (`--adapter`) gets a card with PEFT's adapter metadata and the same
+evidence. Also: sources that ship no tokenizer still give weights, config and card, with one line
+saying so."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import optuna
 import pytest
@@ -33,6 +36,28 @@ def table(card: ModelCard) -> dict[str, dict[str, float | None]]:
     return rows
 
 
+def assert_the_studys_record(card: ModelCard, study: optuna.Study, number: int, held_out: tuple[str, ...] = ()) -> None:
+    """The card's search table holds the study's own scores, of trial `number` and of every source, on the search
+    fitness and on each `held_out` spec; its recipe is the trial's."""
+    trial, sources = study.trials[number], study.user_attrs[SOURCES]
+    expected = {"fitness": (trial.user_attrs["objectives"], {ref: s["objectives"] for ref, s in sources.items()})}
+    for spec in held_out:
+        held = study.user_attrs[f"{HELD_OUT}sources/{spec}"]
+        expected[spec] = (study.user_attrs[f"{HELD_OUT}{number}/{spec}"]["objectives"],
+                          {ref: s["objectives"] for ref, s in held.items()})
+    rows = table(card)
+    merged = rows.pop(f"{MERGED_ROW} (trial {number})")
+    assert set(rows) == set(sources)
+    assert set(merged) == {f"{spec}: {o}" for spec, (scores, _) in expected.items() for o in scores}
+    for column, value in merged.items():
+        spec, objective = column.split(": ")
+        assert value == pytest.approx(expected[spec][0][objective], rel=1e-5)
+        for ref, row in rows.items():
+            assert row[column] == pytest.approx(expected[spec][1][ref][objective], rel=1e-5)
+    recipe = json.loads(trial.user_attrs["recipe"])
+    assert yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0]) == recipe
+
+
 def test_exported_card_loads_with_hub_metadata_and_the_studys_scores(tmp_path, zoo, capsys):
     path = write_config(tmp_path, zoo, n_trials=2)
     held_out = tmp_path / "zoo_test.yaml"
@@ -54,22 +79,8 @@ def test_exported_card_loads_with_hub_metadata_and_the_studys_scores(tmp_path, z
     assert "license" not in data  # the zoo's models declare none
 
     study = optuna.load_study(study_name=config.study_name, storage=config.storage)
-    trial = study.trials[1]
-    sources = study.user_attrs[SOURCES]
-    test = study.user_attrs[f"{HELD_OUT}1/zoo_test"]
-    test_sources = study.user_attrs[f"{HELD_OUT}sources/zoo_test"]
-    rows = table(card)
-    assert set(rows) == {*sources, f"{MERGED_ROW} (trial 1)"}
-    merged = rows.pop(f"{MERGED_ROW} (trial 1)")
-    for skill in ("rev", "srt", "cae"):
-        assert merged[f"fitness: {skill}"] == pytest.approx(trial.user_attrs["objectives"][skill], rel=1e-5)
-        assert merged[f"zoo_test: {skill}"] == pytest.approx(test["objectives"][skill], rel=1e-5)
-        for ref, row in rows.items():
-            assert row[f"fitness: {skill}"] == pytest.approx(sources[ref]["objectives"][skill], rel=1e-5)
-            assert row[f"zoo_test: {skill}"] == pytest.approx(test_sources[ref]["objectives"][skill], rel=1e-5)
+    assert_the_studys_record(card, study, 1, held_out=("zoo_test",))
     assert f"Trial 1 of study `{config.study_name}` (sampler cmaes, seed 0, 2 completed trials)" in card.text
-    recipe = json.loads(trial.user_attrs["recipe"])
-    assert yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0]) == recipe
     assert "No mergekit equivalent" not in card.text and "merge_method: dare_ties" in card.text
 
 
@@ -117,3 +128,51 @@ def test_pipeline_tag_follows_the_architecture():
     assert pipeline_tag(LlamaConfig(architectures=["LlamaForCausalLM"])) == "text-generation"
     assert pipeline_tag(Gemma3Config(architectures=["Gemma3ForConditionalGeneration"])) == "image-text-to-text"
     assert pipeline_tag(LlamaConfig()) is None
+
+
+# ---- the card of the merge written as one PEFT adapter (`--adapter DIR`) ------------------------------------
+
+def adapter_metadata(folder, base: str) -> dict:
+    """The adapter card's metadata, checked to be PEFT's card metadata for a LoRA adapter of `base`."""
+    data = ModelCard.load(folder / "README.md").data.to_dict()
+    ModelCardData(**data)  # validates as huggingface_hub's own model-card data
+    assert data["base_model"] == base and data["base_model_relation"] == "adapter" and data["library_name"] == "peft"
+    assert data["pipeline_tag"] == "text-generation"
+    assert data["tags"] == ["merge", "evomerge", "lora", "transformers", f"base_model:adapter:{base}"]
+    return data
+
+
+def test_exported_adapter_card_has_peft_metadata_and_the_studys_scores(tmp_path, zoo):
+    adapters = [str(zoo / f"lora_{s}") for s in ("rev", "srt", "cae")]
+    path = write_config(tmp_path, zoo, n_trials=2, models=adapters, search_space="search_spaces/lorahub.yaml")
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert main(["export", str(path), "--trial", "1", "--out", str(tmp_path / "best"), "--adapter",
+                 str(tmp_path / "best-adapter")]) == 0
+
+    base = json.loads((zoo / "lora_rev" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert "license" not in adapter_metadata(tmp_path / "best-adapter", base)  # the zoo's adapters declare none
+    card = ModelCard.load(tmp_path / "best-adapter" / "README.md")
+    config = load_config(path)
+    assert_the_studys_record(card, optuna.load_study(study_name=config.study_name, storage=config.storage), 1)
+    assert f"Trial 1 of study `{config.study_name}` (sampler cmaes, seed 0, 2 completed trials)" in card.text
+    assert f"This is a LoRA adapter of `{base}`" in card.text
+    assert all(f"- `{ref}`" in card.text for ref in adapters)
+    assert f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), 'best-adapter')" in card.text
+    assert "mergekit" not in card.text  # mergekit's config builds the full checkpoint, not the adapter
+
+
+@pytest.mark.parametrize("licenses, expected", [(("mit", "mit"), "mit"), (("mit", "apache-2.0"), None),
+                                                (("mit", None), None)])
+def test_adapter_card_license_only_when_every_adapter_declares_the_same(tmp_path, zoo, licenses, expected):
+    models = []
+    for skill, license in zip(("rev", "srt"), licenses):
+        shutil.copytree(zoo / f"lora_{skill}", tmp_path / skill)  # names its base relative to the repo root
+        if license:
+            (tmp_path / skill / "README.md").write_text(f"---\nlicense: {license}\n---\n# an adapter\n")
+        models.append({"model": str(tmp_path / skill), "parameters": {"weight": 0.5}})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"method": "lora_linear", "dtype": "float32", "models": models}))
+    assert main(["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "full"), "--adapter",
+                 str(tmp_path / "adapter")]) == 0
+    base = json.loads((zoo / "lora_rev" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert adapter_metadata(tmp_path / "adapter", base).get("license") == expected
+    assert "## Search" not in (tmp_path / "adapter" / "README.md").read_text()  # a plain merge: no study
