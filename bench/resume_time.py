@@ -63,7 +63,7 @@ def populate(config_path: Path, n: int) -> None:
 
     config = load_config(config_path)
     n_layers = Materializer([config.base_model], device="cpu").n_layers
-    genome = Genome(config.search_space, config.models, config.base_model, n_layers)
+    genome = Genome(config.search_space, config.models, config.base_model, n_layers, dtype=config.dtype)
     db = open_database(config.storage, config.heartbeat)
     study = create_study(config, db, n_layers)
     memory_db = open_database("sqlite:///:memory:")  # TrialSeeded counts fresh trials with SQL

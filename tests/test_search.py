@@ -11,6 +11,7 @@ import time
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from evomerge.cli import main
@@ -83,6 +84,24 @@ def test_archive_status_and_export(tmp_path, zoo, capsys):
     best = front[0]["number"]
     assert main(["export", str(path), "--trial", str(best), "--out", str(tmp_path / "best")]) == 0
     assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_an_exported_trial_is_the_model_it_scored_in_the_searchs_dtype(tmp_path, zoo):
+    """The harness searches in float32: the export is that float32 candidate, bit for bit, not a
+    bfloat16 rounding of it (a trial's recipe once defaulted to bfloat16 whatever the run's dtype)."""
+    from safetensors.torch import load_file
+
+    from evomerge.merge.materialize import Materializer
+    from evomerge.recipe import Recipe
+
+    path = write_config(tmp_path, zoo, n_trials=1)
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert main(["export", str(path), "--trial", "0", "--out", str(tmp_path / "best")]) == 0
+    recipe = Recipe.load(tmp_path / "best" / "recipe.yaml")
+    assert recipe.dtype == "float32"
+    scored = Materializer.for_recipe(recipe, device="cpu").apply(recipe).state_dict()
+    saved = load_file(tmp_path / "best" / "model.safetensors")
+    assert saved and all(torch.equal(tensor, scored[name]) for name, tensor in saved.items())
 
 
 def test_a_second_worker_on_sqlite_is_refused_even_when_both_start_together(tmp_path, zoo):

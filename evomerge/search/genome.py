@@ -98,11 +98,12 @@ class Genome:
     """The codec for one search space applied to concrete models (their count and depth fix the genes)."""
 
     def __init__(self, space: SearchSpace, models: list[str], base_model: str | None, n_layers: int,
-                 tokenizer_source: str | None = None, chat_template: str | None = None):
+                 tokenizer_source: str | None = None, chat_template: str | None = None, dtype: str = "bfloat16"):
         if space.method is not None:
             _check_models(space.method, models, base_model)
         self.space, self.models, self.base_model, self.n_layers = space, list(models), base_model, n_layers
         self.tokenizer_source, self.chat_template = tokenizer_source, chat_template
+        self.dtype = dtype  # the search's: a trial's recipe exports the weights it scored, not a bfloat16 rounding of them
         self.groups = None if space.layer_granularity is None else n_groups(n_layers, space.layer_granularity)
         self.genes: dict[str, Gene] = {}
         for i in range(len(models) if space.method else 0):
@@ -185,7 +186,7 @@ class Genome:
             raise EvomergeError(f"genome lacks gene(s) {missing[:3]}; the study was made with another search space")
         route = self.route.decode(params) if self.route else None
         if self.space.method is None:
-            recipe = Recipe(method=None, models=[], route=route)
+            recipe = Recipe(method=None, models=[], route=route, dtype=self.dtype)
             if self.chat_template in recipe.refs or is_template(self.chat_template):  # else the route's own model's
                 recipe = replace(recipe, chat_template=self.chat_template)
         else:
@@ -194,7 +195,7 @@ class Genome:
             options = {**self.space.options, **{o: self._value(params, o) for o in self.space.shared}}
             recipe = Recipe(method=self.space.method, models=sources, base_model=self.base_model, parameters=options,
                             layer_granularity=self.space.layer_granularity or 0, seed=self.space.seed, route=route,
-                            tokenizer_source=self.tokenizer_source, chat_template=self.chat_template)
+                            tokenizer_source=self.tokenizer_source, chat_template=self.chat_template, dtype=self.dtype)
         recipe.validate()
         return recipe
 

@@ -112,7 +112,7 @@ class Search:
         self.backend = make_backend(config, refs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         self.load_seconds = time.perf_counter() - start
         self.genome = Genome(config.search_space, config.models, config.base_model, self.backend.n_layers,
-                             config.tokenizer_source, config.chat_template)
+                             config.tokenizer_source, config.chat_template, config.dtype)
         self.genome.x0  # a search space's x0 config that does not fit is refused before a study exists
         self.db = db or self._open_database()
         self.study = existing or create_study(config, self.db, self.backend.n_layers)
