@@ -192,7 +192,7 @@ def streamed_band(delta, trim_rule, size):
     """The band as generalized_task_arithmetic finds it: keys read `size` at a time, whole keys on a miss."""
     keys = magnitude_keys(delta)
     n = keys.numel()
-    statistics = trim.streamed_statistics(n, trim_rule.ranks(), size, lambda start, stop: keys[start:stop])
+    statistics = trim.streamed_statistics(n, trim_rule.ranks(), size, lambda start, stop, step: keys[start:stop:step])
     if statistics is None:
         statistics = trim.order_statistics(keys, trim_rule.ranks())
     band = trim_rule.band(statistics)
@@ -223,5 +223,5 @@ def test_a_misleading_sample_is_caught_and_the_keys_are_read_whole(monkeypatch):
     delta[::50] = 100.0  # exactly the sampled positions
     keys, n = magnitude_keys(delta), delta.numel()
     rule = trim.Trim(n, n // 2, n, largest=True)
-    assert trim.streamed_statistics(n, rule.ranks(), 500, lambda start, stop: keys[start:stop]) is None
+    assert trim.streamed_statistics(n, rule.ranks(), 500, lambda start, stop, step: keys[start:stop:step]) is None
     assert torch.equal(streamed_band(delta, rule, 500), rule.mask(keys))

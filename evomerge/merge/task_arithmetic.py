@@ -88,13 +88,14 @@ def _trim_bands(base, sources, params, trim_of, dtype, size) -> list[Band | None
             bands.append(fixed)
             continue
 
-        def keys_of(start: int, stop: int, flat=flat) -> torch.Tensor:
-            delta = scratch[: stop - start].copy_(flat[start:stop]).sub_(flat_base[start:stop].to(dtype))
-            return magnitude_keys(delta)
+        def keys_of(start: int, stop: int, step: int, flat=flat) -> torch.Tensor:
+            source, base_part = flat[start:stop:step], flat_base[start:stop:step]
+            into = scratch[: source.numel()] if source.numel() <= scratch.numel() else torch.empty_like(source, dtype=dtype)
+            return magnitude_keys(into.copy_(source).sub_(base_part.to(dtype)))
 
         statistics = streamed_statistics(n, trim.ranks(), size, keys_of)
         if statistics is None:  # the sample missed: read the keys whole
-            statistics = order_statistics(torch.cat([keys_of(s, min(s + size, n)).clone() for s in range(0, n, size)]),
+            statistics = order_statistics(torch.cat([keys_of(s, min(s + size, n), 1).clone() for s in range(0, n, size)]),
                                           trim.ranks())
         bands.append(trim.band(statistics))
     return bands

@@ -183,19 +183,18 @@ def largest(keys: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def streamed_statistics(n: int, ranks: list[int], size: int,
-                        keys_of: Callable[[int, int], torch.Tensor]) -> list[StreamedStatistic] | None:
+                        keys_of: Callable[[int, int, int], torch.Tensor]) -> list[StreamedStatistic] | None:
     """The order statistics of n keys that are read chunk by chunk, never held whole.
 
-    `keys_of(start, stop)` gives the keys at positions [start, stop) (it may reuse one buffer);
-    `size` is the chunk length.
+    `keys_of(start, stop, step)` gives the keys at positions range(start, stop, step) (it may reuse
+    one buffer); `size` is the chunk length. The sample is one strided read, not a pass over every key.
     A strided sample of the keys brackets each rank (4 standard deviations of its binomial count
     either side). One pass counts the keys below each bracket and gathers the values inside it
     (a bracket of a single value, as a tie-heavy bf16 delta gives, is only counted), among which
     the same selection as for a whole tensor gives the statistic exactly. None when a bracket
     missed its rank (the sample misled: rare), for the caller to read the keys whole."""
     step = max(1, n // _SAMPLE)
-    drawn = torch.cat([keys_of(s, min(s + size, n))[(-s) % step::step].clone() for s in range(0, n, size)])
-    drawn = drawn.sort().values
+    drawn = keys_of(0, n, step).sort().values
     m = drawn.numel()
     brackets = []
     for rank in ranks:
@@ -209,7 +208,7 @@ def streamed_statistics(n: int, ranks: list[int], size: int,
     gathered: list[torch.Tensor] = []  # per chunk, the keys inside the wide brackets
     starts = range(0, n, size)
     for start in starts:
-        keys = keys_of(start, min(start + size, n))
+        keys = keys_of(start, min(start + size, n), 1)
         inside = None
         for b, (low, high) in enumerate(brackets):
             if low > 0:
@@ -229,7 +228,7 @@ def streamed_statistics(n: int, ranks: list[int], size: int,
         def position(j: int) -> int:
             for start, count in zip(starts, counts):
                 if j < count:
-                    return start + int((keys_of(start, min(start + size, n)) == value).nonzero()[j])
+                    return start + int((keys_of(start, min(start + size, n), 1) == value).nonzero()[j])
                 j -= count
             raise IndexError(j)
         return position
