@@ -5,7 +5,7 @@ density + epsilon; kept entries are rescaled (mergekit: restore the L1 norm).
 Ranks come from one stable sort of each row's magnitude bits (equal magnitudes ranked by
 position), scattered back: mergekit's argsort of the argsort sorts twice. On a CPU that sort is
 numpy's of (key << 32 | position): the keys are distinct, so any sort gives the stable order, and
-numpy's vectorized integer sort is ~4x torch's comparison sort of rows (measured, see row_ranks)."""
+numpy's vectorized integer sort is ~4x torch's comparison sort of rows (measured, see row_order)."""
 
 from __future__ import annotations
 
