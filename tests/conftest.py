@@ -9,7 +9,7 @@ import pytest
 
 # `pytest -n 2` (README): two workers on two cores. Each worker and the `evomerge` processes it starts
 # run one torch thread, or their thread pools wait on each other's busy cores (measured: 18 min 22 s
-# with torch's default threads, 13 min 46 s with one, against 22 min 17 s serially).
+# with torch's default threads, 11-14 min with one, against 22 min 17 s serially).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
