@@ -3,7 +3,8 @@ keep probability rises linearly with its magnitude rank from density - epsilon t
 density + epsilon; kept entries are rescaled (mergekit: restore the L1 norm).
 
 Ranks come from one stable sort of each row's magnitude bits (equal magnitudes ranked by
-position), scattered back: mergekit's argsort of the argsort sorts twice. On a CPU that sort is
+position): the ramp's value for each rank is scattered to the entry sorted there, where
+mergekit's argsort of the argsort sorts twice. On a CPU that sort is
 numpy's of (key << 32 | position): the keys are distinct, so any sort gives the stable order, and
 numpy's vectorized integer sort is ~4x torch's comparison sort of rows (measured, see row_order)."""
 
