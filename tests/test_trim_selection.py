@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import trim
+from evomerge.merge import native, trim
 from evomerge.merge.breadcrumbs import outlier_mask
 from evomerge.merge.della import keep_probabilities
 from evomerge.merge.ties import magnitude_mask
@@ -188,31 +188,42 @@ STREAM_CASES = [("bf16-delta", bf16_delta((6000,), 7)), ("continuous", continuou
                 ("half-zeros", torch.cat([torch.zeros(2500), continuous_delta(2500, 9)]))]
 
 
-def streamed_band(delta, trim_rule, size):
-    """The band as generalized_task_arithmetic finds it: keys read `size` at a time, whole keys on a miss."""
+def streamed_band(delta, trim_rule, size, reader="torch"):
+    """The band as generalized_task_arithmetic finds it: keys read `size` at a time (or by the compiled
+    passes, reader="native", from delta = delta - 0), whole keys on a miss."""
     keys = magnitude_keys(delta)
     n = keys.numel()
-    statistics = trim.streamed_statistics(n, trim_rule.ranks(), size, lambda start, stop, step: keys[start:stop:step])
+    size = size or n
+    if reader == "native":
+        keys_reader = native.DeltaKeys.of(delta.reshape(-1), torch.zeros(n), torch.float32)
+        if keys_reader is None:
+            pytest.skip("no compiled kernel here")
+    else:
+        keys_reader = trim.ChunkedKeys(n, size, lambda start, stop, step: keys[start:stop:step])
+    statistics = trim.streamed_statistics(keys_reader, trim_rule.ranks())
     if statistics is None:
         statistics = trim.order_statistics(keys, trim_rule.ranks())
     band = trim_rule.band(statistics)
     return torch.cat([band.mask(keys[s:s + size], s) for s in range(0, n, size)])
 
 
+@pytest.mark.parametrize("reader,size", [("torch", 97), ("torch", 1 << 20), ("native", None)])
 @pytest.mark.parametrize("sample", [64, trim._SAMPLE], ids=["small-sample", "default"])
-@pytest.mark.parametrize("size", [97, 1 << 20])
 @pytest.mark.parametrize("name,delta", STREAM_CASES, ids=[c[0] for c in STREAM_CASES])
-def test_streamed_band_is_the_whole_tensor_band(name, delta, size, sample, monkeypatch):
-    """Every TIES and breadcrumbs band found chunk by chunk (the sample small enough that brackets
-    miss, so both the exact path and the fallback run) equals the whole tensor's mask."""
+def test_streamed_band_is_the_whole_tensor_band(name, delta, reader, size, sample, monkeypatch):
+    """Every TIES and breadcrumbs band found chunk by chunk, or by the compiled passes (the sample
+    small enough that brackets miss, so both the exact path and the fallback run; the compiled
+    pass's room for gathered keys too small, so it runs again with more) equals the whole
+    tensor's mask."""
     monkeypatch.setattr(trim, "_SAMPLE", sample)
+    monkeypatch.setattr(native, "POOL_SLACK", 1)
     n = delta.numel()
     rules = [trim.Trim(n, n - k, n, largest=True) for k in (1, n // 3, n // 2, n - 1)]
     rules += [trim.Trim(n, lo, hi, largest=False) for lo, hi in ((0, n // 2), (n // 5, n - n // 5), (n // 2, n // 2 + 1),
                                                                   (n - 10, n), (1, n - 1))]
     keys = magnitude_keys(delta)
     for rule in rules:
-        assert torch.equal(streamed_band(delta, rule, size), rule.mask(keys)), (rule, size)
+        assert torch.equal(streamed_band(delta, rule, size, reader), rule.mask(keys)), (rule, size, reader)
 
 
 def test_a_misleading_sample_is_caught_and_the_keys_are_read_whole(monkeypatch):
@@ -223,5 +234,5 @@ def test_a_misleading_sample_is_caught_and_the_keys_are_read_whole(monkeypatch):
     delta[::50] = 100.0  # exactly the sampled positions
     keys, n = magnitude_keys(delta), delta.numel()
     rule = trim.Trim(n, n // 2, n, largest=True)
-    assert trim.streamed_statistics(n, rule.ranks(), 500, lambda start, stop, step: keys[start:stop:step]) is None
+    assert trim.streamed_statistics(trim.ChunkedKeys(n, 500, lambda start, stop, step: keys[start:stop:step]), rule.ranks()) is None
     assert torch.equal(streamed_band(delta, rule, 500), rule.mask(keys))

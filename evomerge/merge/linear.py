@@ -1,12 +1,14 @@
 """Linear merge / model soup (Wortsman et al., 2022): a weighted average of the sources.
 
 Accumulates with addcmul into a float32 chunk, as mergekit 0.1.5 does, so results agree
-to the bit; runs chunk by chunk (registry.elementwise_chunk) straight into the output tensor."""
+to the bit; runs in one pass in the compiled kernel (merge/native.py) where it applies, else
+chunk by chunk (registry.elementwise_chunk) straight into the output tensor."""
 
 from __future__ import annotations
 
 import torch
 
+from evomerge.merge import native
 from evomerge.merge.registry import compute_dtype, elementwise_chunk
 
 
@@ -17,6 +19,8 @@ def linear(base, sources, params, options, rng, out):
         out = torch.empty(first.shape, dtype=dtype, device=first.device)
     weights = [torch.tensor(p["weight"], dtype=dtype, device=first.device) for p in params]
     total = torch.stack(weights).sum()
+    if native.weighted_sum(sources, torch.stack(weights), out, divisor=total if options["normalize"] else None):
+        return out
     numel = first.numel()
     flat_out, flat_sources = out.view(-1), [s.reshape(-1) for s in sources]
     chunk = elementwise_chunk(first.device.type)

@@ -15,9 +15,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merge import native
 from evomerge.merge.registry import chunk_elements, compute_dtype, elementwise_chunk
 from evomerge.merge.rng import TensorRNG
-from evomerge.merge.trim import Band, magnitude_keys, order_statistics, streamed_statistics
+from evomerge.merge.trim import Band, ChunkedKeys, magnitude_keys, order_statistics, streamed_statistics
 
 # sparsifier(delta, params_of_this_source, rng) -> mask (bool or float, same shape) or None for "keep all"
 Sparsifier = Callable[[torch.Tensor, dict[str, float], TensorRNG | None], torch.Tensor | None]
@@ -93,7 +94,8 @@ def _trim_bands(base, sources, params, trim_of, dtype, size) -> list[Band | None
             into = scratch[: source.numel()] if source.numel() <= scratch.numel() else torch.empty_like(source, dtype=dtype)
             return magnitude_keys(into.copy_(source).sub_(base_part.to(dtype)))
 
-        statistics = streamed_statistics(n, trim.ranks(), size, keys_of)
+        reader = native.DeltaKeys.of(flat, flat_base, dtype) or ChunkedKeys(n, size, keys_of)
+        statistics = streamed_statistics(reader, trim.ranks())
         if statistics is None:  # the sample missed: read the keys whole
             statistics = order_statistics(torch.cat([keys_of(s, min(s + size, n), 1).clone() for s in range(0, n, size)]),
                                           trim.ranks())
@@ -134,9 +136,12 @@ def generalized_task_arithmetic(
     # fixed chunks (their bits depend on the chunk size, as slerp's do).
     running = not consensus and n <= 4 and base.device.type == "cpu"
     size = max(1, min(elementwise_chunk(base.device.type) if running else chunk_elements(base.device), numel))
+    bands = _trim_bands(base, sources, params, trim_of, dtype, size) if banded else [None] * n
+    if rows is None and native.banded_merge(sources, base, bands, weights, out, consensus=consensus,
+                                            normalize=options["normalize"], divisor=divisor, scale=options["lambda"]):
+        return out  # the same arithmetic in one compiled pass
     base_buf, acc = (torch.empty(size, dtype=dtype, device=base.device) for _ in range(2))
     delta_buf = torch.empty((1 if running else n, size), dtype=dtype, device=base.device) if rows is None else None
-    bands = _trim_bands(base, sources, params, trim_of, dtype, size) if banded else [None] * n
 
     def delta(i: int, start: int, stop: int, base_c: torch.Tensor) -> torch.Tensor:
         """Source i's delta over [start, stop): a slice of the sparsified deltas, or computed (and

@@ -14,9 +14,10 @@ Keys are the bits of |x| read as integers: for non-negative floats they order as
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Protocol
 
 import torch
 
@@ -182,19 +183,83 @@ def largest(keys: torch.Tensor, k: int) -> torch.Tensor:
     return Trim(n, n - max(0, min(k, n)), n, largest=True).mask(keys)
 
 
-def streamed_statistics(n: int, ranks: list[int], size: int,
-                        keys_of: Callable[[int, int, int], torch.Tensor]) -> list[StreamedStatistic] | None:
-    """The order statistics of n keys that are read chunk by chunk, never held whole.
+class KeyReader(Protocol):
+    """n keys read in passes, never held whole (one delta's magnitude keys): ChunkedKeys reads them
+    through torch chunk by chunk; evomerge.merge.native.DeltaKeys computes them in compiled passes."""
 
-    `keys_of(start, stop, step)` gives the keys at positions range(start, stop, step) (it may reuse
-    one buffer); `size` is the chunk length. The sample is one strided read, not a pass over every key.
-    A strided sample of the keys brackets each rank (4 standard deviations of its binomial count
-    either side). One pass counts the keys below each bracket and gathers the values inside it
-    (a bracket of a single value, as a tie-heavy bf16 delta gives, is only counted), among which
-    the same selection as for a whole tensor gives the statistic exactly. None when a bracket
-    missed its rank (the sample misled: rare), for the caller to read the keys whole."""
+    n: int
+
+    def sample(self, step: int) -> torch.Tensor:
+        """The keys at positions 0, step, 2 * step, ..."""
+
+    def bracket_pass(self, brackets: list[tuple[int, int | None]]) -> tuple[list[int], list[int], torch.Tensor | None]:
+        """One pass: per (low, high) bracket, the keys below low; for a one-value bracket (low == high) the
+        keys equal to it (else 0); and the keys inside the wide brackets (low <= key <= high, None: no
+        bound), gathered (None if no bracket is wide)."""
+
+    def nth_equal(self, value: int, j: int) -> int:
+        """The position of the j-th (0-based) key equal to `value` (one found by the last pass)."""
+
+
+class ChunkedKeys:
+    """Keys read through `keys_of(start, stop, step)` (which may reuse one buffer), `size` at a time.
+    It remembers, per chunk, the count of each one-value bracket and the gathered keys, so that
+    `nth_equal` rereads just the chunk holding the wanted key."""
+
+    def __init__(self, n: int, size: int, keys_of: Callable[[int, int, int], torch.Tensor]):
+        self.n, self.size, self.keys_of = n, size, keys_of
+        self.starts = range(0, n, size)
+        self.counts: dict[int, list[int]] = {}  # value -> its count per chunk
+        self.gathered: list[torch.Tensor] = []  # per chunk, the keys inside the wide brackets
+
+    def sample(self, step: int) -> torch.Tensor:
+        return self.keys_of(0, self.n, step)
+
+    def bracket_pass(self, brackets):
+        wide = [low != high for low, high in brackets]
+        below, self.gathered = [0] * len(brackets), []
+        single = [[] for _ in brackets]  # per one-value bracket, its count per chunk
+        for start in self.starts:
+            keys = self.keys_of(start, min(start + self.size, self.n), 1)
+            inside = None
+            for b, (low, high) in enumerate(brackets):
+                if low > 0:
+                    below[b] += int((keys < low).sum())
+                if not wide[b]:
+                    single[b].append(int((keys == low).sum()))
+                    continue
+                window = keys >= low
+                if high is not None:
+                    window &= keys <= high
+                inside = window if inside is None else inside.logical_or_(window)
+            if inside is not None:
+                self.gathered.append(keys[inside])
+        self.counts = {low: counts for (low, _), w, counts in zip(brackets, wide, single) if not w}
+        equal = [sum(counts) for counts in single]
+        return below, equal, torch.cat(self.gathered) if self.gathered else None
+
+    def nth_equal(self, value: int, j: int) -> int:
+        if value not in self.counts:
+            self.counts[value] = [int((chunk == value).sum()) for chunk in self.gathered]
+        for start, count in zip(self.starts, self.counts[value]):
+            if j < count:
+                return start + int((self.keys_of(start, min(start + self.size, self.n), 1) == value).nonzero()[j])
+            j -= count
+        raise IndexError(j)
+
+
+def streamed_statistics(reader: KeyReader, ranks: list[int]) -> list[StreamedStatistic] | None:
+    """The order statistics of n keys that are read in passes (`reader`), never held whole.
+
+    A strided sample of the keys (one strided read, not a pass over every key) brackets each rank
+    (4 standard deviations of its binomial count either side). One pass counts the keys below each
+    bracket and gathers the values inside it (a bracket of a single value, as a tie-heavy bf16
+    delta gives, is only counted), among which the same selection as for a whole tensor gives the
+    statistic exactly. None when a bracket missed its rank (the sample misled: rare), for the
+    caller to read the keys whole."""
+    n = reader.n
     step = max(1, n // _SAMPLE)
-    drawn = keys_of(0, n, step).sort().values
+    drawn = reader.sample(step).sort().values
     m = drawn.numel()
     brackets = []
     for rank in ranks:
@@ -202,44 +267,13 @@ def streamed_statistics(n: int, ranks: list[int], size: int,
         margin = int(4 * math.sqrt(m * q * (1 - q))) + 8
         brackets.append((int(drawn[at - margin]) if at - margin >= 0 else 0,
                          int(drawn[at + margin]) if at + margin < m else None))
-    wide = [low != high for low, high in brackets]
-    below = [0] * len(brackets)
-    single_counts: list[list[int]] = [[] for _ in brackets]  # per chunk, keys equal to a one-value bracket
-    gathered: list[torch.Tensor] = []  # per chunk, the keys inside the wide brackets
-    starts = range(0, n, size)
-    for start in starts:
-        keys = keys_of(start, min(start + size, n), 1)
-        inside = None
-        for b, (low, high) in enumerate(brackets):
-            if low > 0:
-                below[b] += int((keys < low).sum())
-            if not wide[b]:
-                single_counts[b].append(int((keys == low).sum()))
-                continue
-            window = keys >= low
-            if high is not None:
-                window &= keys <= high
-            inside = window if inside is None else inside.logical_or_(window)
-        if inside is not None:
-            gathered.append(keys[inside])
-    pool = torch.cat(gathered) if gathered else None
-
-    def locate(value: int, counts: list[int]) -> Callable[[int], int]:
-        def position(j: int) -> int:
-            for start, count in zip(starts, counts):
-                if j < count:
-                    return start + int((keys_of(start, min(start + size, n), 1) == value).nonzero()[j])
-                j -= count
-            raise IndexError(j)
-        return position
-
+    below, equal, pool = reader.bracket_pass(brackets)
     found = []
-    for b, (rank, (low, high), count) in enumerate(zip(ranks, brackets, below)):
-        if not wide[b]:
-            equal = sum(single_counts[b])
-            if not count <= rank < count + equal:
+    for rank, (low, high), count, equals in zip(ranks, brackets, below, equal):
+        if low == high:
+            if not count <= rank < count + equals:
                 return None
-            found.append(StreamedStatistic(low, count, equal, locate(low, single_counts[b])))
+            found.append(StreamedStatistic(low, count, equals, functools.partial(reader.nth_equal, low)))
             continue
         skipped = int((pool < low).sum()) if low > 0 else 0  # gathered for another bracket, below this one
         local = rank - count + skipped
@@ -249,8 +283,8 @@ def streamed_statistics(n: int, ranks: list[int], size: int,
         value = int(statistic.value)
         if value < low or (high is not None and value > high):
             return None
-        counts = [int((chunk == value).sum()) for chunk in gathered]
-        found.append(StreamedStatistic(value, count + statistic.below - skipped, statistic.count, locate(value, counts)))
+        found.append(StreamedStatistic(value, count + statistic.below - skipped, statistic.count,
+                                       functools.partial(reader.nth_equal, value)))
     return found
 
 

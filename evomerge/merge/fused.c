@@ -1,0 +1,362 @@
+/* Merge passes in one read of the sources and one write of the output (evomerge/merge/native.py).
+
+   torch runs these merges as ~5-20 passes over each chunk (convert, subtract, compare, multiply,
+   add, divide, convert back); here every element is read once per source and written once.
+   The arithmetic is torch's, operation by operation, in float32, so the bits are the same.
+   Compile with -ffp-contract=off: a multiply-add rounds once where torch's separate mul_ and
+   add_ round twice; linear's addcmul_ is the one place torch fuses them (fmaf below, measured):
+
+     linear (weighted_sum):   acc = 0; acc = fma(x_i, w_i, acc) ...; [acc = acc / divisor]; out = acc
+     task arithmetic, TIES, breadcrumbs (banded_merge): d_i = (x_i - b) * keep_i * w_i;
+                              acc = 0; acc = acc + d_i ... (or TIES's sign-consensus sum);
+                              [acc = acc / divisor]; [acc = acc * lambda]; out = acc + b
+
+   Conversions: bfloat16 <-> float32 as torch (round to nearest even); float16 by the CPU's
+   F16C instructions (torch's too) or the compiler's _Float16, both IEEE. Blocks of BLOCK elements stay in L1; threads split the blocks. */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+#ifndef BLOCK
+#define BLOCK 1024
+#endif
+#define MAX_THREADS 256
+#define MIN_BLOCKS_PER_THREAD 64 /* 64k elements: below that a thread costs more than it saves */
+
+static void to_f32(float *dst, const void *src, int dtype, int64_t start, int64_t m) {
+    if (dtype == F32) {
+        memcpy(dst, (const float *)src + start, (size_t)m * sizeof(float));
+    } else if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src + start;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u = (uint32_t)s[j] << 16;
+            memcpy(dst + j, &u, sizeof u);
+        }
+    } else {
+        const _Float16 *s = (const _Float16 *)src + start;
+        int64_t j = 0;
+#ifdef __F16C__ /* GCC 12 does not vectorize _Float16 conversions itself */
+        for (; j + 8 <= m; j += 8) _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + j))));
+#endif
+        for (; j < m; j++) dst[j] = (float)s[j];
+    }
+}
+
+static void from_f32(void *dst, const float *src, int dtype, int64_t start, int64_t m) {
+    if (dtype == F32) {
+        memcpy((float *)dst + start, src, (size_t)m * sizeof(float));
+    } else if (dtype == BF16) {
+        uint16_t *d = (uint16_t *)dst + start;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u;
+            memcpy(&u, src + j, sizeof u);
+            uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+            d[j] = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+        }
+    } else {
+        _Float16 *d = (_Float16 *)dst + start;
+        int64_t j = 0;
+#ifdef __F16C__
+        for (; j + 8 <= m; j += 8)
+            _mm_storeu_si128((__m128i *)(d + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; j < m; j++) d[j] = (_Float16)src[j];
+    }
+}
+
+/* Threads for a pass over `blocks` blocks: at most `threads`, each with at least MIN_BLOCKS_PER_THREAD. */
+static int32_t thread_count(int64_t blocks, int32_t threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > blocks / MIN_BLOCKS_PER_THREAD) threads = (int32_t)(blocks / MIN_BLOCKS_PER_THREAD);
+    return threads < 1 ? 1 : threads;
+}
+
+/* run(job t) for t < threads, job 0 on this thread. Plain pthreads: an OpenMP runtime of our own
+   would spin against torch's. A thread that cannot be had runs its job here. */
+static void run_parallel(void *(*run)(void *), void *jobs, size_t job_size, int32_t threads) {
+    pthread_t helpers[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int32_t t = 1; t < threads; t++)
+        started[t] = pthread_create(&helpers[t], NULL, run, (char *)jobs + t * job_size) == 0;
+    run(jobs);
+    for (int32_t t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(helpers[t], NULL);
+        else run((char *)jobs + t * job_size);
+    }
+}
+
+struct job {
+    int64_t n, first_block, last_block;
+    int32_t n_sources, normalize, out_dtype;
+    const void *const *sources;
+    const int32_t *source_dtypes;
+    const float *weights;
+    float divisor;
+    void *out;
+};
+
+static void *run(void *arg) {
+    const struct job *q = arg;
+    float acc[BLOCK], x[BLOCK];
+    for (int64_t k = q->first_block; k < q->last_block; k++) {
+        int64_t start = k * BLOCK, m = q->n - start < BLOCK ? q->n - start : BLOCK;
+        for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
+        for (int32_t i = 0; i < q->n_sources; i++) {
+            float w = q->weights[i];
+            to_f32(x, q->sources[i], q->source_dtypes[i], start, m);
+            for (int64_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, acc[j]);
+        }
+        if (q->normalize)
+            for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / q->divisor;
+        from_f32(q->out, acc, q->out_dtype, start, m);
+    }
+    return NULL;
+}
+
+/* linear: out[j] = sum_i w_i * sources[i][j] (divided by `divisor` when normalize), for j < n. */
+void weighted_sum(int64_t n, int32_t n_sources, const void *const *sources, const int32_t *source_dtypes,
+                  const float *weights, int32_t normalize, float divisor, void *out, int32_t out_dtype,
+                  int32_t threads) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    threads = thread_count(blocks, threads);
+    struct job jobs[MAX_THREADS];
+    for (int32_t t = 0; t < threads; t++)
+        jobs[t] = (struct job){n, blocks * t / threads, blocks * (t + 1) / threads, n_sources, normalize, out_dtype,
+                               sources, source_dtypes, weights, divisor, out};
+    run_parallel(run, jobs, sizeof jobs[0], threads);
+}
+
+/* ---- magnitude trims (TIES, breadcrumbs): evomerge/merge/trim.py finds each delta's band of ranks
+   from order statistics of its magnitude keys, key = the bits of |f32(x) - f32(b)| as an integer
+   (trim.magnitude_keys); these passes compute the keys on the fly, never storing them. */
+
+/* d = f32(x) - base over one block (base already float32), and k = the keys of d */
+static void delta_block(float *d, const void *x, int xd, const float *base, int64_t start, int64_t m) {
+    to_f32(d, x, xd, start, m);
+    for (int64_t j = 0; j < m; j++) d[j] = d[j] - base[j];
+}
+
+static void keys_block(int32_t *k, const float *d, int64_t m) {
+    for (int64_t j = 0; j < m; j++) {
+        uint32_t u;
+        memcpy(&u, d + j, sizeof u);
+        k[j] = (int32_t)(u & 0x7FFFFFFFu);
+    }
+}
+
+static void keys_of_block(int32_t *k, float *d, const void *x, int xd, const void *b, int bd, int64_t start, int64_t m) {
+    float base[BLOCK];
+    to_f32(base, b, bd, start, m);
+    delta_block(d, x, xd, base, start, m);
+    keys_block(k, d, m);
+}
+
+#define MAX_BRACKETS 4
+#define POOL_PAD 16 /* slots past each thread's cap: a whole vector is stored where its keys fit */
+
+struct bracket_job {
+    const void *x, *b;
+    int32_t xd, bd, n_brackets;
+    int64_t n, first_block, last_block, cap;
+    const int64_t *lows, *highs; /* highs[i] < 0: no upper bound */
+    const int32_t *wide;
+    int64_t below[MAX_BRACKETS], equal[MAX_BRACKETS], gathered;
+    int32_t *pool;
+};
+
+static void *bracket_run(void *arg) {
+    struct bracket_job *q = arg;
+    int32_t k[BLOCK];
+    float d[BLOCK];
+    int64_t g = 0;
+    for (int64_t blk = q->first_block; blk < q->last_block; blk++) {
+        int64_t start = blk * BLOCK, m = q->n - start < BLOCK ? q->n - start : BLOCK;
+        keys_of_block(k, d, q->x, q->xd, q->b, q->bd, start, m);
+        int any_wide = 0;
+        for (int32_t r = 0; r < q->n_brackets; r++) {
+            int64_t low = q->lows[r], c = 0;
+            if (low > 0) {
+                for (int64_t j = 0; j < m; j++) c += k[j] < low;
+                q->below[r] += c;
+            }
+            if (!q->wide[r]) {
+                c = 0;
+                for (int64_t j = 0; j < m; j++) c += k[j] == low;
+                q->equal[r] += c;
+            } else {
+                any_wide = 1;
+            }
+        }
+        if (!any_wide) continue;
+        int64_t j = 0;
+#ifdef __AVX512F__ /* gather 16 keys at a time */
+        for (; j + 16 <= m; j += 16) {
+            __m512i v = _mm512_loadu_si512((const void *)(k + j));
+            __mmask16 in = 0;
+            for (int32_t r = 0; r < q->n_brackets; r++) {
+                if (!q->wide[r]) continue;
+                __mmask16 w = _mm512_cmpge_epi32_mask(v, _mm512_set1_epi32((int32_t)q->lows[r]));
+                if (q->highs[r] >= 0) w &= _mm512_cmple_epi32_mask(v, _mm512_set1_epi32((int32_t)q->highs[r]));
+                in |= w;
+            }
+            int c = __builtin_popcount((unsigned)in);
+            /* compress in a register, store all 16 lanes (the store form is microcoded on AMD's Zen 4) */
+            if (c && g + c <= q->cap) _mm512_storeu_si512((void *)(q->pool + g), _mm512_maskz_compress_epi32(in, v));
+            g += c;
+        }
+#endif
+        for (; j < m; j++) {
+            int inside = 0;
+            for (int32_t r = 0; r < q->n_brackets; r++)
+                inside |= q->wide[r] & (k[j] >= q->lows[r]) & (q->highs[r] < 0 || k[j] <= q->highs[r]);
+            q->pool[g < q->cap ? g : q->cap] = k[j]; /* past cap: the slots beyond take the overflow */
+            g += inside;
+        }
+    }
+    q->gathered = g;
+    return NULL;
+}
+
+/* One pass over the keys of x - b: per bracket, how many keys lie below lows[r] (below), and for a
+   one-value bracket (wide[r] == 0) how many equal it (equal); the keys inside the wide brackets are
+   copied into pool, thread t's at pool + t * (cap + POOL_PAD), their number into gathered[t] (more than
+   cap: they did not fit, call again with a larger cap). Returns the number of threads used. */
+int32_t bracket_pass(int64_t n, const void *x, int32_t xd, const void *b, int32_t bd, int32_t n_brackets,
+                     const int64_t *lows, const int64_t *highs, const int32_t *wide, int64_t *below, int64_t *equal,
+                     int32_t *pool, int64_t cap, int64_t *gathered, int32_t threads) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    threads = thread_count(blocks, threads);
+    struct bracket_job jobs[MAX_THREADS];
+    for (int32_t t = 0; t < threads; t++)
+        jobs[t] = (struct bracket_job){x, b, xd, bd, n_brackets, n, blocks * t / threads, blocks * (t + 1) / threads,
+                                       cap, lows, highs, wide, {0}, {0}, 0, pool + t * (cap + POOL_PAD)};
+    run_parallel(bracket_run, jobs, sizeof jobs[0], threads);
+    for (int32_t r = 0; r < n_brackets; r++) {
+        below[r] = equal[r] = 0;
+        for (int32_t t = 0; t < threads; t++) below[r] += jobs[t].below[r], equal[r] += jobs[t].equal[r];
+    }
+    for (int32_t t = 0; t < threads; t++) gathered[t] = jobs[t].gathered;
+    return threads;
+}
+
+/* The position of the j-th (0-based) key of x - b equal to value, in order of position; -1 if none. */
+int64_t nth_equal(int64_t n, const void *x, int32_t xd, const void *b, int32_t bd, int64_t value, int64_t j) {
+    int32_t k[BLOCK];
+    float d[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK, c = 0;
+        keys_of_block(k, d, x, xd, b, bd, start, m);
+        for (int64_t i = 0; i < m; i++) c += k[i] == value;
+        if (j >= c) {
+            j -= c;
+            continue;
+        }
+        for (int64_t i = 0; i < m; i++)
+            if (k[i] == value && j-- == 0) return start + i;
+    }
+    return -1;
+}
+
+/* A band of kept keys (trim.Band): key > above (when has_above), key < below (when has_below), or
+   key == value at positions [first, stop) for each run. trims == 0: keep every entry. */
+struct band {
+    int32_t trims, has_above, has_below, n_runs;
+    int64_t above, below;
+    int64_t value[2], first[2], stop[2];
+};
+
+#define MAX_SOURCES 4
+
+struct banded_job {
+    int64_t n, first_block, last_block;
+    int32_t n_sources, base_dtype, consensus, normalize, scale, out_dtype;
+    const void *const *sources;
+    const int32_t *source_dtypes;
+    const void *base;
+    const struct band *bands;
+    const float *weights;
+    float divisor, lambda;
+    void *out;
+};
+
+static void *banded_run(void *arg) {
+    const struct banded_job *q = arg;
+    float d[MAX_SOURCES][BLOCK], acc[BLOCK], b[BLOCK], majority[BLOCK], agree_w[BLOCK];
+    int32_t k[BLOCK], keep[BLOCK];
+    for (int64_t blk = q->first_block; blk < q->last_block; blk++) {
+        int64_t start = blk * BLOCK, m = q->n - start < BLOCK ? q->n - start : BLOCK;
+        to_f32(b, q->base, q->base_dtype, start, m);
+        for (int32_t i = 0; i < q->n_sources; i++) { /* the trimmed delta, times its weight */
+            const struct band *t = &q->bands[i];
+            float *di = d[i], w = q->weights[i];
+            delta_block(di, q->sources[i], q->source_dtypes[i], b, start, m);
+            if (t->trims) {
+                keys_block(k, di, m);
+                int32_t above = t->has_above ? (int32_t)t->above : -1; /* keys are >= 0 */
+                for (int64_t j = 0; j < m; j++) keep[j] = k[j] > above;
+                if (t->has_below)
+                    for (int64_t j = 0; j < m; j++) keep[j] &= k[j] < (int32_t)t->below;
+                for (int32_t r = 0; r < t->n_runs; r++) {
+                    int64_t from = t->first[r] - start, upto = t->stop[r] - start;
+                    int32_t value = (int32_t)t->value[r];
+                    for (int64_t j = from < 0 ? 0 : from; j < (upto < m ? upto : m); j++) keep[j] |= k[j] == value;
+                }
+                for (int64_t j = 0; j < m; j++) di[j] = di[j] * (float)keep[j];
+            }
+            for (int64_t j = 0; j < m; j++) di[j] = di[j] * w;
+        }
+        for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
+        if (!q->consensus) {
+            for (int32_t i = 0; i < q->n_sources; i++)
+                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + d[i][j];
+            if (q->normalize)
+                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / q->divisor;
+        } else { /* TIES: elect the sign of the summed weighted deltas (0 counts as +), sum those that agree */
+            for (int32_t i = 0; i < q->n_sources; i++)
+                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + d[i][j];
+            for (int64_t j = 0; j < m; j++) {
+                majority[j] = acc[j] >= 0.0f ? 1.0f : -1.0f;
+                acc[j] = agree_w[j] = 0.0f;
+            }
+            for (int32_t i = 0; i < q->n_sources; i++) {
+                float w = q->weights[i];
+                for (int64_t j = 0; j < m; j++) {
+                    float agree = (float)(majority[j] > 0.0f ? d[i][j] > 0.0f : d[i][j] < 0.0f);
+                    acc[j] = acc[j] + d[i][j] * agree;
+                    agree_w[j] = agree_w[j] + w * agree;
+                }
+            }
+            for (int64_t j = 0; j < m; j++) agree_w[j] = agree_w[j] == 0.0f ? 1.0f : agree_w[j];
+            if (q->normalize)
+                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / agree_w[j];
+        }
+        if (q->scale)
+            for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * q->lambda;
+        for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + b[j];
+        from_f32(q->out, acc, q->out_dtype, start, m);
+    }
+    return NULL;
+}
+
+/* out = b + lambda * combine_i(w_i * trim_i(x_i - b)) in generalized_task_arithmetic's order, where
+   combine is the running sum (divided by `divisor` when normalize) or, with consensus, TIES's
+   sign-consensus sum (divided by the agreeing weights when normalize). At most MAX_SOURCES. */
+void banded_merge(int64_t n, int32_t n_sources, const void *const *sources, const int32_t *source_dtypes,
+                  const void *base, int32_t base_dtype, const struct band *bands, const float *weights,
+                  int32_t consensus, int32_t normalize, float divisor, int32_t scale, float lambda, void *out,
+                  int32_t out_dtype, int32_t threads) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    threads = thread_count(blocks, threads);
+    struct banded_job jobs[MAX_THREADS];
+    for (int32_t t = 0; t < threads; t++)
+        jobs[t] = (struct banded_job){n, blocks * t / threads, blocks * (t + 1) / threads, n_sources, base_dtype,
+                                      consensus, normalize, scale, out_dtype, sources, source_dtypes, base, bands,
+                                      weights, divisor, lambda, out};
+    run_parallel(banded_run, jobs, sizeof jobs[0], threads);
+}

@@ -1,0 +1,160 @@
+"""The compiled merge passes (evomerge/merge/native.py) give torch's bits: linear, task arithmetic,
+TIES and breadcrumbs (their magnitude trims too), on every float dtype, special values included."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from evomerge.merge import native
+from evomerge.merge.registry import merge_tensor
+
+SPECIALS = [float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 1e-40, -1e-42, 3.0e38, -3.0e38, 1.0 + 2**-8, 2**-133]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    lib = native.library()
+    if lib is None:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail("a C compiler is here but the fused kernel did not build (see the log)")
+        pytest.skip("no C compiler: the merges run on torch's kernels")
+    return lib
+
+
+def tensors(n: int, numel: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """n tensors of `numel` values spread over many magnitudes, with the special values mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        t = torch.randn(numel, generator=g) * torch.exp(torch.randn(numel, generator=g) * 3)
+        where = torch.randint(0, numel, (len(SPECIALS) * 3,), generator=g)
+        t[where] = torch.tensor(SPECIALS * 3)
+        out.append(t.to(dtype))
+    return out
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    nan = torch.isnan(a)
+    assert torch.equal(nan, torch.isnan(b)), "NaN in different places"
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    differ = (a[~nan].view(ints) != b[~nan].view(ints)).sum().item()
+    assert differ == 0, f"{differ} of {a.numel()} elements differ"
+
+
+def spy(fn, calls):
+    def recorded(*args, **kwargs):
+        calls.append(fn(*args, **kwargs))
+        return calls[-1]
+    return recorded
+
+
+def both_ways(monkeypatch, method, base, sources, params, options, out_dtype):
+    """The merge with the fused kernel and with torch's kernels, into `out` tensors of out_dtype."""
+    results, fused_calls = [], []
+    for use_native in (True, False):
+        with monkeypatch.context() as m:
+            if use_native:
+                for entry in ("weighted_sum", "banded_merge"):
+                    m.setattr(native, entry, spy(getattr(native, entry), fused_calls))
+            else:
+                m.setattr(native, "library", lambda: None)
+            out = torch.empty(sources[0].shape, dtype=out_dtype) if out_dtype is not None else None
+            results.append(merge_tensor(method, base, sources, params, options, out=out))
+    assert fused_calls == [True], "the fused kernel did not run"
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_linear_gives_torchs_bits(kernel, monkeypatch, dtype, n, normalize):
+    sources = tensors(n, 5003, dtype, seed=n)
+    params = [{"weight": w} for w in [0.7, -0.35, 1.3, 0.0, 0.1][:n]]
+    for out_dtype in (None, dtype):
+        fused, reference = both_ways(monkeypatch, "linear", None, sources, params, {"normalize": normalize}, out_dtype)
+        same_bits(fused, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 3, 4])
+@pytest.mark.parametrize("options", [{}, {"normalize": True}, {"lambda": 0.83}, {"normalize": True, "lambda": 1.7}])
+def test_task_arithmetic_gives_torchs_bits(kernel, monkeypatch, dtype, n, options):
+    base, *sources = tensors(n + 1, 4099, dtype, seed=10 + n)
+    params = [{"weight": w} for w in [0.6, 1.1, -0.4, 0.25][:n]]
+    for out_dtype in (None, dtype, torch.bfloat16):
+        fused, reference = both_ways(monkeypatch, "task_arithmetic", base, sources, params, options, out_dtype)
+        same_bits(fused, reference)
+
+
+def tie_heavy(n: int, numel: int, seed: int) -> list[torch.Tensor]:
+    """bf16 base and sources whose deltas have few distinct magnitudes: many equal keys at a trim's bounds."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(numel, generator=g) * 0.02).to(torch.bfloat16)
+    sources = [(base.float() + torch.randint(-3, 4, (numel,), generator=g) * 2.0**-9).to(torch.bfloat16) for _ in range(n)]
+    return [base, *sources]
+
+
+TRIM_PARAMS = {
+    "ties": [{"weight": 1.0, "density": 0.3}, {"weight": 0.8, "density": 0.55}, {"weight": -0.6, "density": 0.5},
+             {"weight": 0.4, "density": 1.0}],
+    "breadcrumbs": [{"weight": 0.5, "density": 0.8, "gamma": 0.02}, {"weight": 0.7, "density": 0.4, "gamma": 0.1},
+                    {"weight": 0.3, "density": 0.9, "gamma": 0.0}, {"weight": 1.2, "density": 0.2, "gamma": 0.3}],
+}
+TRIM_PARAMS["breadcrumbs_ties"] = TRIM_PARAMS["breadcrumbs"]
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("data", ["specials-bf16", "specials-f16", "specials-f32", "tie-heavy-bf16"])
+@pytest.mark.parametrize("options", [{"normalize": True}, {"normalize": False, "lambda": 0.9}])
+def test_trimming_merges_give_torchs_bits(kernel, monkeypatch, method, n, data, options):
+    """The bands (found by the compiled passes, or chunk by chunk in torch) and the merge after them."""
+    if data == "tie-heavy-bf16":
+        base, *sources = tie_heavy(n, 70001, seed=n)
+    else:
+        dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[data.split("-")[1]]
+        base, *sources = tensors(n + 1, 70001, dtype, seed=20 + n)
+    for out_dtype in (None, torch.bfloat16):
+        fused, reference = both_ways(monkeypatch, method, base, sources, TRIM_PARAMS[method][:n], options, out_dtype)
+        same_bits(fused, reference)
+
+
+def test_a_large_tensor_split_across_threads_gives_the_same_bits(kernel, monkeypatch):
+    base, *sources = tensors(4, 3 * 2**20 + 17, torch.bfloat16, seed=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for method, params in [("task_arithmetic", [{"weight": w} for w in (0.5, 0.3, 0.9)]),
+                               ("ties", TRIM_PARAMS["ties"][:3]), ("breadcrumbs", TRIM_PARAMS["breadcrumbs"][:3])]:
+            fused, reference = both_ways(monkeypatch, method, base, sources, params, {}, torch.bfloat16)
+            same_bits(fused, reference)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_where_the_kernel_does_not_apply_torch_runs(kernel):
+    """float64, and non-contiguous views, take torch's path (weighted_sum declines, touching nothing)."""
+    a, b = torch.randn(64, 32, dtype=torch.float64), torch.randn(64, 32, dtype=torch.float64)
+    out = torch.zeros(64, 32)
+    assert not native.weighted_sum([a, b], torch.tensor([0.5, 0.5], dtype=torch.float64), out)
+    assert not native.weighted_sum([a.float().t(), b.float().t()], torch.tensor([0.5, 0.5]), out.t())
+    assert torch.count_nonzero(out) == 0
+    merged = merge_tensor("linear", None, [a.t(), b.t()], [{"weight": 0.5}] * 2, {"normalize": False})
+    torch.testing.assert_close(merged, (a.t() * 0.5 + b.t() * 0.5), rtol=0, atol=1e-12)
+
+
+def test_without_a_compiler_the_merges_still_run(monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache-for-this-test")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert "torch's kernels are used instead" in caplog.text
+        merged = merge_tensor("linear", None, [torch.ones(8), torch.full((8,), 3.0)], [{"weight": 0.5}] * 2, {"normalize": False})
+        assert torch.equal(merged, torch.full((8,), 2.0))
+    finally:
+        native.library.cache_clear()
