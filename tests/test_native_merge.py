@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from evomerge.merge import native
+from evomerge.merge.methods import get_method
 from evomerge.merge.registry import merge_tensor
+from evomerge.merge.rng import TensorRNG
 
 SPECIALS = [float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 1e-40, -1e-42, 3.0e38, -3.0e38, 1.0 + 2**-8, 2**-133]
 
@@ -63,7 +65,8 @@ def both_ways(monkeypatch, method, base, sources, params, options, out_dtype):
             else:
                 m.setattr(native, "library", lambda: None)
             out = torch.empty(sources[0].shape, dtype=out_dtype) if out_dtype is not None else None
-            results.append(merge_tensor(method, base, sources, params, options, out=out))
+            rng = TensorRNG(5, "model.layers.0.mlp.up_proj.weight") if get_method(method).random else None
+            results.append(merge_tensor(method, base, sources, params, options, rng, out=out))
     assert fused_calls == [True], "the fused kernel did not run"
     return results
 
@@ -123,13 +126,35 @@ def test_trimming_merges_give_torchs_bits(kernel, monkeypatch, method, n, data, 
         same_bits(fused, reference)
 
 
+RANDOM_PARAMS = {
+    "dare_ties": [{"weight": 0.5, "density": 0.4}, {"weight": 0.7, "density": 0.7}, {"weight": -0.3, "density": 0.5},
+                  {"weight": 0.9, "density": 1.0}],
+    "della": [{"weight": 0.5, "density": 0.6, "epsilon": 0.15}, {"weight": 0.8, "density": 0.4, "epsilon": 0.1},
+              {"weight": 0.3, "density": 0.5, "epsilon": 0.3}, {"weight": 1.1, "density": 0.7, "epsilon": 0.05}],
+}
+RANDOM_PARAMS["dare_linear"], RANDOM_PARAMS["della_linear"] = RANDOM_PARAMS["dare_ties"], RANDOM_PARAMS["della"]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("options", [{}, {"normalize": True, "lambda": 0.7}, {"rescale": False}])
+def test_random_merges_give_torchs_bits(kernel, monkeypatch, method, n, options):
+    """DARE's and DELLA's masked deltas combined by the compiled pass (DELLA's ranks by its radix sort)."""
+    base, *sources = tensors(n + 1, 64 * 1031, torch.bfloat16, seed=30 + n)
+    base, sources = base.view(64, 1031), [s.view(64, 1031) for s in sources]
+    for out_dtype in (None, torch.bfloat16):
+        fused, reference = both_ways(monkeypatch, method, base, sources, RANDOM_PARAMS[method][:n], options, out_dtype)
+        same_bits(fused, reference)
+
+
 def test_a_large_tensor_split_across_threads_gives_the_same_bits(kernel, monkeypatch):
-    base, *sources = tensors(4, 3 * 2**20 + 17, torch.bfloat16, seed=7)
+    base, *sources = (t.view(3, -1) for t in tensors(4, 3 * (2**20 + 17), torch.bfloat16, seed=7))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for method, params in [("task_arithmetic", [{"weight": w} for w in (0.5, 0.3, 0.9)]),
-                               ("ties", TRIM_PARAMS["ties"][:3]), ("breadcrumbs", TRIM_PARAMS["breadcrumbs"][:3])]:
+                               ("ties", TRIM_PARAMS["ties"][:3]), ("breadcrumbs", TRIM_PARAMS["breadcrumbs"][:3]),
+                               ("della", RANDOM_PARAMS["della"][:3])]:
             fused, reference = both_ways(monkeypatch, method, base, sources, params, {}, torch.bfloat16)
             same_bits(fused, reference)
     finally:

@@ -113,10 +113,26 @@ def test_breadcrumbs_mask_is_the_stable_sort_band(name, delta):
             assert torch.equal(ours, expected), (density, gamma)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["radix", "torch"])
 @pytest.mark.parametrize("name,delta", CASES, ids=[c[0] for c in CASES])
-def test_della_probabilities_are_the_stable_double_argsort_ranks(name, delta, sort_below):
+def test_della_probabilities_are_the_stable_double_argsort_ranks(name, delta, sort_below, compiled, monkeypatch):
+    """By the compiled radix sort (float32 deltas, where it builds) and by the torch/numpy path."""
+    if not compiled:
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None or delta.dtype != torch.float32:
+        pytest.skip("the compiled sort takes float32 deltas, where a C compiler is here")
     for density, epsilon in [(0.5, 0.1), (0.6, 0.15), (0.3, 0.29)]:
         assert torch.equal(keep_probabilities(delta, density, epsilon), ref_della_probabilities(delta, density, epsilon))
+
+
+def test_della_probabilities_of_a_large_delta_sorted_on_two_threads(monkeypatch):
+    delta = bf16_delta((300, 1024), 11)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(keep_probabilities(delta, 0.5, 0.1), ref_della_probabilities(delta, 0.5, 0.1))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_rank_band_every_window_of_a_tie_heavy_tensor():

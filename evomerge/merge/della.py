@@ -6,7 +6,9 @@ Ranks come from one stable sort of each row's magnitude bits (equal magnitudes r
 position): the ramp's value for each rank is scattered to the entry sorted there, where
 mergekit's argsort of the argsort sorts twice. On a CPU that sort is
 numpy's of (key << 32 | position): the keys are distinct, so any sort gives the stable order, and
-numpy's vectorized integer sort is ~4x torch's comparison sort of rows (measured, see row_order)."""
+numpy's vectorized integer sort is ~4x torch's comparison sort of rows (measured, see row_order).
+Where the compiled passes apply (evomerge.merge.native: float32 deltas on the CPU), a stable
+radix sort of each row, on all threads, gives the same ranks and writes the ramp in place."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import functools
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.merge import native
 from evomerge.merge.rng import TensorRNG
 from evomerge.merge.task_arithmetic import generalized_task_arithmetic
 from evomerge.merge.trim import magnitude_keys
@@ -39,10 +42,13 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     The ramp is computed once per rank (the same arithmetic on each rank as per entry) and scattered
     to the entries in sorted order: no per-entry rank tensor."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    order = row_order(magnitude_keys(rows).view(rows.shape))
     span = max(rows.shape[1] - 1, 1)
     ranks = torch.arange(rows.shape[1], device=delta.device).to(delta.dtype)
     ramp = (density - epsilon) + ranks / span * 2 * epsilon
+    compiled = native.row_ramp(rows, ramp)  # the same order by a radix sort, where it applies
+    if compiled is not None:
+        return compiled.view_as(delta)
+    order = row_order(magnitude_keys(rows).view(rows.shape))
     return torch.empty(rows.shape, dtype=delta.dtype, device=delta.device).scatter_(1, order, ramp.expand_as(order)).view_as(delta)
 
 

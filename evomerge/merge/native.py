@@ -86,7 +86,8 @@ def library() -> ctypes.CDLL | None:
         "weighted_sum": (None, [i64, i32, ptr, ptr, ptr, i32, f32, ptr, i32, i32]),
         "bracket_pass": (i32, [i64, ptr, i32, ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32]),
         "nth_equal": (i64, [i64, ptr, i32, ptr, i32, i64, i64]),
-        "banded_merge": (None, [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, i32, i32, f32, i32, f32, ptr, i32, i32]),
+        "banded_merge": (None, [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr, i32, i32, f32, i32, f32, ptr, i32, i32]),
+        "row_ramp": (i32, [i64, i64, ptr, ptr, ptr, i32]),
     }
     for name, (result, arguments) in signatures.items():
         getattr(lib, name).restype, getattr(lib, name).argtypes = result, arguments
@@ -142,17 +143,21 @@ POOL_PAD = 16  # fused.c: slots past each thread's room, where a vector store ma
 
 
 def banded_merge(sources: Sequence[torch.Tensor], base: torch.Tensor, bands: Sequence[Band | None], weights: torch.Tensor,
-                 out: torch.Tensor, *, consensus: bool, normalize: bool, divisor: torch.Tensor, scale: float) -> bool:
+                 out: torch.Tensor, *, consensus: bool, normalize: bool, divisor: torch.Tensor, scale: float,
+                 deltas: torch.Tensor | None = None) -> bool:
     """out = base + scale * combine_i(w_i * trim_i(source_i - base)), generalized_task_arithmetic's
     arithmetic with each delta kept where its band (trim.Band, None: everywhere) keeps it, and
-    combine TIES's sign consensus or the running sum (divided by `divisor` when normalize)."""
-    lib = _applies(*sources, out, base)
+    combine TIES's sign consensus or the running sum (divided by `divisor` when normalize). With
+    `deltas` (float32 [n_sources, numel]: DARE's and DELLA's masked deltas) they replace source_i - base."""
+    lib = _applies(*sources, out, base, *([deltas] if deltas is not None else []))
     if (lib is None or weights.dtype != torch.float32 or len(sources) > MAX_SOURCES
+            or (deltas is not None and deltas.dtype != torch.float32)
             or any(b is not None and len(b.runs) > 2 for b in bands)):
         return False
     lib.banded_merge(
         out.numel(), len(sources), _array(ctypes.c_void_p, (s.data_ptr() for s in sources)),
         _array(ctypes.c_int32, (DTYPES[s.dtype] for s in sources)), base.data_ptr(), DTYPES[base.dtype],
+        deltas.data_ptr() if deltas is not None else None,
         _array(_Band, (_band(b) for b in bands)), _array(ctypes.c_float, weights.tolist()), consensus, normalize,
         float(divisor), scale != 1.0, scale, out.data_ptr(), DTYPES[out.dtype], torch.get_num_threads(),
     )
@@ -214,3 +219,16 @@ class DeltaKeys:
         if position < 0:
             raise IndexError(j)
         return position
+
+
+def row_ramp(rows: torch.Tensor, ramp: torch.Tensor) -> torch.Tensor | None:
+    """DELLA's keep probabilities: for each entry of the float32 matrix `rows`, ramp[its rank], its
+    rank being its place in a stable ascending sort of its row's magnitudes (fused.c's radix sort)."""
+    lib = _applies(rows, ramp)
+    if lib is None or rows.dtype != torch.float32 or ramp.dtype != torch.float32 or rows.dim() != 2:
+        return None
+    prob = torch.empty_like(rows)
+    if lib.row_ramp(rows.shape[0], rows.shape[1], rows.data_ptr(), ramp.data_ptr(), prob.data_ptr(),
+                    torch.get_num_threads()) != 0:
+        raise MemoryError(f"no memory for the sort of a row of {rows.shape[1]} entries")
+    return prob

@@ -137,8 +137,8 @@ def generalized_task_arithmetic(
     running = not consensus and n <= 4 and base.device.type == "cpu"
     size = max(1, min(elementwise_chunk(base.device.type) if running else chunk_elements(base.device), numel))
     bands = _trim_bands(base, sources, params, trim_of, dtype, size) if banded else [None] * n
-    if rows is None and native.banded_merge(sources, base, bands, weights, out, consensus=consensus,
-                                            normalize=options["normalize"], divisor=divisor, scale=options["lambda"]):
+    if native.banded_merge(sources, base, bands, weights, out, consensus=consensus, normalize=options["normalize"],
+                           divisor=divisor, scale=options["lambda"], deltas=rows):
         return out  # the same arithmetic in one compiled pass
     base_buf, acc = (torch.empty(size, dtype=dtype, device=base.device) for _ in range(2))
     delta_buf = torch.empty((1 if running else n, size), dtype=dtype, device=base.device) if rows is None else None
