@@ -4,6 +4,7 @@ TIES and breadcrumbs (their magnitude trims too), on every float dtype, special 
 from __future__ import annotations
 
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -172,9 +173,23 @@ def test_where_the_kernel_does_not_apply_torch_runs(kernel):
     torch.testing.assert_close(merged, (a.t() * 0.5 + b.t() * 0.5), rtol=0, atol=1e-12)
 
 
-def test_without_a_compiler_the_merges_still_run(monkeypatch, caplog):
+def test_an_unwritable_cache_falls_back_to_a_private_temp_folder(kernel, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/not-a-place-for-a-cache")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        (folder,) = tmp_path.iterdir()
+        assert folder.name.startswith("evomerge-") and folder.stat().st_mode & 0o077 == 0
+        assert [p.suffix for p in folder.iterdir()] == [".so"]
+    finally:
+        native.library.cache_clear()
+
+
+def test_without_a_compiler_the_merges_still_run(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache-for-this-test")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     native.library.cache_clear()
     try:
         assert native.library() is None

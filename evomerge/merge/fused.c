@@ -110,6 +110,16 @@ static void *run(void *arg) {
         for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
         for (int32_t i = 0; i < q->n_sources; i++) {
             float w = q->weights[i];
+            if (q->source_dtypes[i] == BF16) { /* the common case, converted in the same loop */
+                const uint16_t *s = (const uint16_t *)q->sources[i] + start;
+                for (int64_t j = 0; j < m; j++) {
+                    uint32_t u = (uint32_t)s[j] << 16;
+                    float v;
+                    memcpy(&v, &u, sizeof v);
+                    acc[j] = fmaf(v, w, acc[j]);
+                }
+                continue;
+            }
             to_f32(x, q->sources[i], q->source_dtypes[i], start, m);
             for (int64_t j = 0; j < m; j++) acc[j] = fmaf(x[j], w, acc[j]);
         }
@@ -139,6 +149,16 @@ void weighted_sum(int64_t n, int32_t n_sources, const void *const *sources, cons
 
 /* d = f32(x) - base over one block (base already float32), and k = the keys of d */
 static void delta_block(float *d, const void *x, int xd, const float *base, int64_t start, int64_t m) {
+    if (xd == BF16) { /* the common case, converted in the same loop */
+        const uint16_t *s = (const uint16_t *)x + start;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u = (uint32_t)s[j] << 16;
+            float v;
+            memcpy(&v, &u, sizeof v);
+            d[j] = v - base[j];
+        }
+        return;
+    }
     to_f32(d, x, xd, start, m);
     for (int64_t j = 0; j < m; j++) d[j] = d[j] - base[j];
 }
@@ -294,6 +314,7 @@ static void *banded_run(void *arg) {
     for (int64_t blk = q->first_block; blk < q->last_block; blk++) {
         int64_t start = blk * BLOCK, m = q->n - start < BLOCK ? q->n - start : BLOCK;
         to_f32(b, q->base, q->base_dtype, start, m);
+        for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
         for (int32_t i = 0; i < q->n_sources; i++) { /* the trimmed delta, times its weight */
             const struct band *t = &q->bands[i];
             float *di = d[i], w = q->weights[i];
@@ -314,15 +335,16 @@ static void *banded_run(void *arg) {
                 }
                 for (int64_t j = 0; j < m; j++) di[j] = di[j] * (float)keep[j];
             }
-            for (int64_t j = 0; j < m; j++) di[j] = di[j] * w;
+            if (q->consensus)
+                for (int64_t j = 0; j < m; j++) di[j] = di[j] * w;
+            else /* the running sum: acc = acc + (d * w), rounded twice as torch's mul_ then add_ */
+                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + di[j] * w;
         }
-        for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
         if (!q->consensus) {
-            for (int32_t i = 0; i < q->n_sources; i++)
-                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + d[i][j];
             if (q->normalize)
                 for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / q->divisor;
         } else { /* TIES: elect the sign of the summed weighted deltas (0 counts as +), sum those that agree */
+            for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
             for (int32_t i = 0; i < q->n_sources; i++)
                 for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + d[i][j];
             for (int64_t j = 0; j < m; j++) {

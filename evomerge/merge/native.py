@@ -36,9 +36,10 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC",
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where the library may be cached: the user's cache, else a private folder in the temp dir."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "evomerge"
+    return [Path(root) / "evomerge", Path(tempfile.gettempdir()) / f"evomerge-{os.getuid()}"]
 
 
 def _cpu_signature() -> str:
@@ -52,8 +53,10 @@ def _cpu_signature() -> str:
 
 def _build(compiler: str, target: Path) -> None:
     """Compile into a temporary file and rename it into place, so that concurrent workers never
-    load a half-written library."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    load a half-written library. The folder is the user's alone: a library is code we run."""
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if target.parent.stat().st_uid != os.getuid():
+        raise OSError(f"{target.parent} belongs to another user")
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         pass
     done = subprocess.run([compiler, str(SOURCE), *FLAGS, "-o", tmp.name], capture_output=True, text=True)
@@ -63,6 +66,20 @@ def _build(compiler: str, target: Path) -> None:
     os.replace(tmp.name, target)
 
 
+def _load(compiler: str, name: str) -> ctypes.CDLL:
+    """The cached library, built where the first usable cache folder is."""
+    errors = []
+    for folder in _cache_dirs():
+        target = folder / name
+        try:
+            if not target.exists():
+                _build(compiler, target)
+            return ctypes.CDLL(str(target))
+        except OSError as error:
+            errors.append(str(error))
+    raise OSError("; ".join(errors))
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (no compiler, build failed, or EVOMERGE_NATIVE=0)."""
@@ -70,14 +87,11 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler (cc): linear and task-arithmetic merges run on torch's kernels, 2-4x slower")
+        log.warning("no C compiler (cc): merges run on torch's kernels (the same bits, 2-5x slower on a CPU)")
         return None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"fused-{key}.so"
     try:
-        if not target.exists():
-            _build(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        lib = _load(compiler, f"fused-{key}.so")
     except OSError as error:
         log.warning("could not build the fused merge kernel (%s): torch's kernels are used instead", error)
         return None
