@@ -116,11 +116,16 @@ def test_breadcrumbs_mask_is_the_stable_sort_band(name, delta):
 @pytest.mark.parametrize("compiled", [True, False], ids=["radix", "torch"])
 @pytest.mark.parametrize("name,delta", CASES, ids=[c[0] for c in CASES])
 def test_della_probabilities_are_the_stable_double_argsort_ranks(name, delta, sort_below, compiled, monkeypatch):
-    """By the compiled radix sort (float32 deltas, where it builds) and by the torch/numpy path."""
+    """By the compiled radix sort (float32 deltas, where it builds; it declines the others) and by
+    the torch/numpy path."""
     if not compiled:
         monkeypatch.setattr(native, "library", lambda: None)
-    elif native.library() is None or delta.dtype != torch.float32:
-        pytest.skip("the compiled sort takes float32 deltas, where a C compiler is here")
+    elif native.library() is None:
+        pytest.skip("no C compiler here: the compiled sort is not built")
+    else:
+        rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+        takes = native.row_ramp(rows, torch.zeros(rows.shape[1], dtype=delta.dtype)) is not None
+        assert takes == (delta.dtype == torch.float32)
     for density, epsilon in [(0.5, 0.1), (0.6, 0.15), (0.3, 0.29)]:
         assert torch.equal(keep_probabilities(delta, density, epsilon), ref_della_probabilities(delta, density, epsilon))
 

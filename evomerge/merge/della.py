@@ -13,6 +13,7 @@ radix sort of each row, on all threads, gives the same ranks and writes the ramp
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -37,15 +38,16 @@ def row_order(keys: torch.Tensor) -> torch.Tensor:
     return torch.argsort(keys, dim=1, stable=True)
 
 
-def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float, threads: int | None = None) -> torch.Tensor:
     """Per-row linear ramp over magnitude ranks; a 1-D tensor is one row, a 1-entry row gets density - epsilon.
     The ramp is computed once per rank (the same arithmetic on each rank as per entry) and scattered
-    to the entries in sorted order: no per-entry rank tensor."""
+    to the entries in sorted order: no per-entry rank tensor. `threads`: the compiled sort's (default
+    torch's count, which a new Python thread does not inherit)."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     span = max(rows.shape[1] - 1, 1)
     ranks = torch.arange(rows.shape[1], device=delta.device).to(delta.dtype)
     ramp = (density - epsilon) + ranks / span * 2 * epsilon
-    compiled = native.row_ramp(rows, ramp)  # the same order by a radix sort, where it applies
+    compiled = native.row_ramp(rows, ramp, threads)  # the same order by a radix sort, where it applies
     if compiled is not None:
         return compiled.view_as(delta)
     order = row_order(magnitude_keys(rows).view(rows.shape))
@@ -62,7 +64,14 @@ def magprune_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG 
         raise EvomergeError(f"della: density +- epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
     if rng is None:
         raise EvomergeError("DELLA needs a generator")
-    return rng.keep_mask(keep_probabilities(delta, density, epsilon), delta.shape, delta.device)
+    if delta.device.type != "cpu":
+        return rng.keep_mask(keep_probabilities(delta, density, epsilon), delta.shape, delta.device)
+    # On a CPU the draw (torch's generator: one serial thread) runs while the rows are ranked on
+    # the other threads: both release the GIL. The same draws and probabilities, so the same mask.
+    with ThreadPoolExecutor(1) as pool:
+        probabilities = pool.submit(keep_probabilities, delta, density, epsilon, torch.get_num_threads())
+        draws = rng.uniform(delta.shape, delta.device)
+        return draws < probabilities.result()
 
 
 della = functools.partial(generalized_task_arithmetic, sparsifier=magprune_mask, consensus=True)

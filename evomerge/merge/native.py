@@ -4,7 +4,8 @@ torch spends ~5-9 passes over every chunk on linear and task arithmetic (0.14-0.
 floor on a 134M model), and ~15-20 on a trimmed chunk of TIES or breadcrumbs; here one C loop
 reads each source once and writes the output once, with torch's arithmetic step by step, so
 the bits are the same. The library is built on first use with the machine's C compiler (`cc`,
-or $CC) for this CPU and cached under ~/.cache/evomerge; with no compiler, or
+or $CC) for this CPU and cached under ~/.cache/evomerge (else a private folder in the temp
+dir); with no compiler, or
 EVOMERGE_NATIVE=0, the merges run on torch's kernels (same bits, slower). Each entry point
 returns False (or None) where it does not apply, for the caller to run torch's kernels: not
 on the CPU, not contiguous, float64, a dtype other than float32/bfloat16/float16.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import getpass
 import hashlib
 import logging
 import os
@@ -39,7 +41,8 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def _cache_dirs() -> list[Path]:
     """Where the library may be cached: the user's cache, else a private folder in the temp dir."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return [Path(root) / "evomerge", Path(tempfile.gettempdir()) / f"evomerge-{os.getuid()}"]
+    user = os.getuid() if hasattr(os, "getuid") else getpass.getuser()
+    return [Path(root) / "evomerge", Path(tempfile.gettempdir()) / f"evomerge-{user}"]
 
 
 def _cpu_signature() -> str:
@@ -55,7 +58,7 @@ def _build(compiler: str, target: Path) -> None:
     """Compile into a temporary file and rename it into place, so that concurrent workers never
     load a half-written library. The folder is the user's alone: a library is code we run."""
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if target.parent.stat().st_uid != os.getuid():
+    if hasattr(os, "getuid") and target.parent.stat().st_uid != os.getuid():
         raise OSError(f"{target.parent} belongs to another user")
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         pass
@@ -235,7 +238,7 @@ class DeltaKeys:
         return position
 
 
-def row_ramp(rows: torch.Tensor, ramp: torch.Tensor) -> torch.Tensor | None:
+def row_ramp(rows: torch.Tensor, ramp: torch.Tensor, threads: int | None = None) -> torch.Tensor | None:
     """DELLA's keep probabilities: for each entry of the float32 matrix `rows`, ramp[its rank], its
     rank being its place in a stable ascending sort of its row's magnitudes (fused.c's radix sort)."""
     lib = _applies(rows, ramp)
@@ -243,6 +246,6 @@ def row_ramp(rows: torch.Tensor, ramp: torch.Tensor) -> torch.Tensor | None:
         return None
     prob = torch.empty_like(rows)
     if lib.row_ramp(rows.shape[0], rows.shape[1], rows.data_ptr(), ramp.data_ptr(), prob.data_ptr(),
-                    torch.get_num_threads()) != 0:
+                    threads or torch.get_num_threads()) != 0:
         raise MemoryError(f"no memory for the sort of a row of {rows.shape[1]} entries")
     return prob

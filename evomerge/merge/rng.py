@@ -29,9 +29,13 @@ class TensorRNG:
 
     def keep_mask(self, prob: torch.Tensor | float, shape: torch.Size, device: torch.device | str) -> torch.Tensor:
         """Bool mask of `shape`, each entry True with probability `prob` (a float or a broadcastable tensor)."""
+        return self.uniform(shape, device) < prob
+
+    def uniform(self, shape: torch.Size, device: torch.device | str) -> torch.Tensor:
+        """The draws keep_mask compares with its probabilities: uniform in [0, 1), float32."""
         generator = torch.Generator(device=device)
         generator.manual_seed(self.key)
-        return torch.rand(shape, generator=generator, device=device) < prob
+        return torch.rand(shape, generator=generator, device=device)
 
 
 def tensor_generator(seed: int, tensor_name: str) -> TensorRNG:

@@ -4,7 +4,8 @@ merged = base + lambda * combine_i(w_i * sparsify(source_i - base)), where `comb
 plain sum or TIES's sign-consensus sum, optionally divided by the summed weights. Order
 of operations follows mergekit 0.1.5 (generalized_task_arithmetic.py) so the same recipe
 gives the same bits. Sparsifiers work on whole tensors; everything after is elementwise,
-so it runs chunk by chunk straight into the output tensor.
+so it runs chunk by chunk straight into the output tensor, or on a CPU as one compiled pass
+(merge/native.py) with the same arithmetic.
 """
 
 from __future__ import annotations
