@@ -186,6 +186,21 @@ def test_an_unwritable_cache_falls_back_to_a_private_temp_folder(kernel, monkeyp
         native.library.cache_clear()
 
 
+def test_a_kernel_that_would_not_give_torchs_bits_is_not_used(kernel, monkeypatch, caplog):
+    """library() checks on load that the compiled arithmetic is torch's on this machine (its FMA
+    premise); a kernel that disagrees, here one whose passes do nothing, is refused."""
+    assert native._agrees_with_torch(kernel)
+    idle = type("Idle", (), {"weighted_sum": lambda *a: None, "banded_merge": lambda *a: None})()
+    assert not native._agrees_with_torch(idle)
+    monkeypatch.setattr(native, "_agrees_with_torch", lambda lib: False)
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert "does not give torch's bits" in caplog.text
+    finally:
+        native.library.cache_clear()
+
+
 def test_without_a_compiler_the_merges_still_run(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -11,8 +11,10 @@
                               acc = 0; acc = acc + d_i ... (or TIES's sign-consensus sum);
                               [acc = acc / divisor]; [acc = acc * lambda]; out = acc + b
 
+   native.py checks the fmaf premise on load against torch itself and falls back if it fails.
    Conversions: bfloat16 <-> float32 as torch (round to nearest even); float16 by the CPU's
-   F16C instructions (torch's too) or the compiler's _Float16, both IEEE. Blocks of BLOCK elements stay in L1; threads split the blocks. */
+   F16C instructions (torch's too) or the compiler's _Float16, both IEEE. Blocks of BLOCK
+   elements stay in L1; threads split the blocks. */
 
 #include <math.h>
 #include <pthread.h>

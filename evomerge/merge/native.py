@@ -108,7 +108,32 @@ def library() -> ctypes.CDLL | None:
     }
     for name, (result, arguments) in signatures.items():
         getattr(lib, name).restype, getattr(lib, name).argtypes = result, arguments
+    if not _agrees_with_torch(lib):
+        log.warning("the fused merge kernel does not give torch's bits on this machine: torch's kernels are used instead")
+        return None
     return lib
+
+
+def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
+    """The one premise that depends on the machine, checked once: torch's addcmul_ (linear's
+    kernel) rounds its multiply-add once (fmaf in fused.c) and task arithmetic's mul_ then add_
+    twice. A torch build or CPU where that differs gets torch's kernels."""
+    n, weights = 4099, [0.7, -0.35, 1.3]
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.randn(n, generator=g).to(torch.bfloat16) for _ in weights]
+    base = sources[0].float()
+    linear, task = torch.zeros(n), torch.zeros(n)
+    for source, w in zip(sources, weights):
+        linear.addcmul_(source.float(), torch.tensor(w))
+        task += (source.float() - base).mul_(torch.tensor(w))
+    task += base
+    ours = [torch.empty(n), torch.empty(n)]
+    pointers, dtypes = _array(ctypes.c_void_p, (s.data_ptr() for s in sources)), _array(ctypes.c_int32, [1] * 3)
+    floats = _array(ctypes.c_float, weights)
+    lib.weighted_sum(n, 3, pointers, dtypes, floats, 0, 1.0, ours[0].data_ptr(), 0, 1)
+    lib.banded_merge(n, 3, pointers, dtypes, sources[0].data_ptr(), 1, None, _array(_Band, [_Band(trims=0)] * 3),
+                     floats, 0, 0, 1.0, 0, 1.0, ours[1].data_ptr(), 0, 1)
+    return torch.equal(ours[0], linear) and torch.equal(ours[1], task)
 
 
 def _applies(*tensors: torch.Tensor) -> ctypes.CDLL | None:
