@@ -320,6 +320,17 @@ static void *banded_run(void *arg) {
         for (int32_t i = 0; i < q->n_sources; i++) { /* the trimmed delta, times its weight */
             const struct band *t = &q->bands[i];
             float *di = d[i], w = q->weights[i];
+            if (!t->trims && !q->consensus && !q->deltas && q->source_dtypes[i] == BF16) {
+                /* task arithmetic's common case in one loop: acc = acc + (x - b) * w, rounded as above */
+                const uint16_t *s = (const uint16_t *)q->sources[i] + start;
+                for (int64_t j = 0; j < m; j++) {
+                    uint32_t u = (uint32_t)s[j] << 16;
+                    float v;
+                    memcpy(&v, &u, sizeof v);
+                    acc[j] = acc[j] + (v - b[j]) * w;
+                }
+                continue;
+            }
             if (q->deltas)
                 memcpy(di, q->deltas + i * q->n + start, (size_t)m * sizeof(float));
             else
