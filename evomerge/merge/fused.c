@@ -149,7 +149,7 @@ void weighted_sum(int64_t n, int32_t n_sources, const void *const *sources, cons
    from order statistics of its magnitude keys, key = the bits of |f32(x) - f32(b)| as an integer
    (trim.magnitude_keys); these passes compute the keys on the fly, never storing them. */
 
-/* d = f32(x) - base over one block (base already float32), and k = the keys of d */
+/* d = f32(x) - base over one block (base already float32) */
 static void delta_block(float *d, const void *x, int xd, const float *base, int64_t start, int64_t m) {
     if (xd == BF16) { /* the common case, converted in the same loop */
         const uint16_t *s = (const uint16_t *)x + start;

@@ -182,6 +182,7 @@ def _band(band: Band | None) -> _Band:
 MAX_SOURCES = 4  # fused.c; torch's sum over more sources adds in another order
 POOL_SLACK = 1 << 16  # room per thread for gathered keys beyond the sample's estimate
 POOL_PAD = 16  # fused.c: slots past each thread's room, where a vector store may reach
+MAX_BRACKETS = 4  # fused.c
 
 
 def banded_merge(sources: Sequence[torch.Tensor], base: torch.Tensor, bands: Sequence[Band | None], weights: torch.Tensor,
@@ -228,6 +229,8 @@ class DeltaKeys:
 
     def bracket_pass(self, brackets):
         k = len(brackets)
+        if k > MAX_BRACKETS:
+            raise ValueError(f"at most {MAX_BRACKETS} brackets in one pass, got {k}")
         wide = [low != high for low, high in brackets]
         lows = _array(ctypes.c_int64, (low for low, _ in brackets))
         highs = _array(ctypes.c_int64, (-1 if high is None else high for _, high in brackets))
