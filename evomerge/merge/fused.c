@@ -32,15 +32,19 @@ enum { F32 = 0, BF16 = 1, F16 = 2 };
 #define MAX_THREADS 256
 #define MIN_BLOCKS_PER_THREAD 64 /* 64k elements: below that a thread costs more than it saves */
 
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
 static void to_f32(float *dst, const void *src, int dtype, int64_t start, int64_t m) {
     if (dtype == F32) {
         memcpy(dst, (const float *)src + start, (size_t)m * sizeof(float));
     } else if (dtype == BF16) {
         const uint16_t *s = (const uint16_t *)src + start;
-        for (int64_t j = 0; j < m; j++) {
-            uint32_t u = (uint32_t)s[j] << 16;
-            memcpy(dst + j, &u, sizeof u);
-        }
+        for (int64_t j = 0; j < m; j++) dst[j] = bf16_to_f32(s[j]);
     } else {
         const _Float16 *s = (const _Float16 *)src + start;
         int64_t j = 0;
@@ -114,12 +118,7 @@ static void *run(void *arg) {
             float w = q->weights[i];
             if (q->source_dtypes[i] == BF16) { /* the common case, converted in the same loop */
                 const uint16_t *s = (const uint16_t *)q->sources[i] + start;
-                for (int64_t j = 0; j < m; j++) {
-                    uint32_t u = (uint32_t)s[j] << 16;
-                    float v;
-                    memcpy(&v, &u, sizeof v);
-                    acc[j] = fmaf(v, w, acc[j]);
-                }
+                for (int64_t j = 0; j < m; j++) acc[j] = fmaf(bf16_to_f32(s[j]), w, acc[j]);
                 continue;
             }
             to_f32(x, q->sources[i], q->source_dtypes[i], start, m);
@@ -153,12 +152,7 @@ void weighted_sum(int64_t n, int32_t n_sources, const void *const *sources, cons
 static void delta_block(float *d, const void *x, int xd, const float *base, int64_t start, int64_t m) {
     if (xd == BF16) { /* the common case, converted in the same loop */
         const uint16_t *s = (const uint16_t *)x + start;
-        for (int64_t j = 0; j < m; j++) {
-            uint32_t u = (uint32_t)s[j] << 16;
-            float v;
-            memcpy(&v, &u, sizeof v);
-            d[j] = v - base[j];
-        }
+        for (int64_t j = 0; j < m; j++) d[j] = bf16_to_f32(s[j]) - base[j];
         return;
     }
     to_f32(d, x, xd, start, m);
@@ -323,12 +317,7 @@ static void *banded_run(void *arg) {
             if (!t->trims && !q->consensus && !q->deltas && q->source_dtypes[i] == BF16) {
                 /* task arithmetic's common case in one loop: acc = acc + (x - b) * w, rounded as above */
                 const uint16_t *s = (const uint16_t *)q->sources[i] + start;
-                for (int64_t j = 0; j < m; j++) {
-                    uint32_t u = (uint32_t)s[j] << 16;
-                    float v;
-                    memcpy(&v, &u, sizeof v);
-                    acc[j] = acc[j] + (v - b[j]) * w;
-                }
+                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + (bf16_to_f32(s[j]) - b[j]) * w;
                 continue;
             }
             if (q->deltas)
