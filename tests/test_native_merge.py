@@ -148,6 +148,17 @@ def test_random_merges_give_torchs_bits(kernel, monkeypatch, method, n, options)
         same_bits(fused, reference)
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs", "della", "dare_ties"])
+def test_empty_tensors_merge_to_empty_tensors(kernel, monkeypatch, method):
+    base, *sources = [torch.zeros(3, 0, dtype=torch.bfloat16) for _ in range(3)]
+    params = {"linear": [{"weight": 0.5}] * 2, "task_arithmetic": [{"weight": 0.5}] * 2,
+              "ties": TRIM_PARAMS["ties"][:2], "breadcrumbs": TRIM_PARAMS["breadcrumbs"][:2],
+              "della": RANDOM_PARAMS["della"][:2], "dare_ties": RANDOM_PARAMS["dare_ties"][:2]}[method]
+    rng = TensorRNG(0, "empty") if get_method(method).random else None
+    merged = merge_tensor(method, None if method == "linear" else base, sources, params, {}, rng)
+    assert merged.shape == (3, 0)
+
+
 def test_a_large_tensor_split_across_threads_gives_the_same_bits(kernel, monkeypatch):
     base, *sources = (t.view(3, -1) for t in tensors(4, 3 * (2**20 + 17), torch.bfloat16, seed=7))
     threads = torch.get_num_threads()

@@ -462,6 +462,7 @@ static void *ramp_run(void *arg) {
 /* prob[row][c] = ramp[rank of |delta[row][c]| in a stable ascending sort of its row], float32
    rows x cols. Returns 0, or -1 when memory for the sort could not be had. */
 int32_t row_ramp(int64_t rows, int64_t cols, const float *delta, const float *ramp, float *prob, int32_t threads) {
+    if (rows <= 0 || cols <= 0) return 0; /* nothing to sort (and malloc(0) may say no) */
     /* a thread for every MIN_BLOCKS_PER_THREAD * BLOCK entries at least, whole rows each */
     int64_t per_thread = (int64_t)MIN_BLOCKS_PER_THREAD * BLOCK;
     int64_t most = (rows * cols) / per_thread;
