@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,19 +57,29 @@ def spy(fn, calls):
 
 
 def both_ways(monkeypatch, method, base, sources, params, options, out_dtype):
-    """The merge with the fused kernel and with torch's kernels, into `out` tensors of out_dtype."""
-    results, fused_calls = [], []
+    """The merge with the fused kernel and with torch's kernels, into `out` tensors of out_dtype.
+    A trimmed source's band must come from the compiled key reader, DELLA's ranks from the compiled
+    sort: a part that silently declined would leave the comparison with torch's own."""
+    results, fused_calls, readers, ramps = [], [], [], []
+    reader_of = native.DeltaKeys.of
     for use_native in (True, False):
         with monkeypatch.context() as m:
             if use_native:
                 for entry in ("weighted_sum", "banded_merge"):
                     m.setattr(native, entry, spy(getattr(native, entry), fused_calls))
+                m.setattr(native.DeltaKeys, "of", spy(reader_of, readers))
+                m.setattr(native, "row_ramp", spy(native.row_ramp, ramps))
             else:
                 m.setattr(native, "library", lambda: None)
             out = torch.empty(sources[0].shape, dtype=out_dtype) if out_dtype is not None else None
             rng = TensorRNG(5, "model.layers.0.mlp.up_proj.weight") if get_method(method).random else None
             results.append(merge_tensor(method, base, sources, params, options, rng, out=out))
     assert fused_calls == [True], "the fused kernel did not run"
+    assert all(r is not None for r in readers + ramps), "a compiled pass declined"
+    if sources[0].numel() > 0:
+        trims = any(p.get("density", 1.0) < 1 for p in params) and "rescale" not in options
+        assert bool(readers) == (trims and method in ("ties", "breadcrumbs", "breadcrumbs_ties"))
+        assert bool(ramps) == (method.startswith("della") and any(0 < p["density"] < 1 for p in params))
     return results
 
 
@@ -154,9 +165,36 @@ def test_empty_tensors_merge_to_empty_tensors(kernel, monkeypatch, method):
     params = {"linear": [{"weight": 0.5}] * 2, "task_arithmetic": [{"weight": 0.5}] * 2,
               "ties": TRIM_PARAMS["ties"][:2], "breadcrumbs": TRIM_PARAMS["breadcrumbs"][:2],
               "della": RANDOM_PARAMS["della"][:2], "dare_ties": RANDOM_PARAMS["dare_ties"][:2]}[method]
-    rng = TensorRNG(0, "empty") if get_method(method).random else None
-    merged = merge_tensor(method, None if method == "linear" else base, sources, params, {}, rng)
-    assert merged.shape == (3, 0)
+    fused, reference = both_ways(monkeypatch, method, None if method == "linear" else base, sources, params, {},
+                                 torch.bfloat16)
+    assert fused.shape == reference.shape == (3, 0)
+
+
+def test_the_kernels_decline_what_they_cannot_take(kernel):
+    """More sources than the banded pass holds, and an output of another size than the sources
+    (torch would raise), are left to torch: nothing is read or written out of bounds."""
+    x, w = torch.randn(1000), torch.tensor([0.2] * 5)
+    out = torch.zeros(1000)
+    assert not native.banded_merge([x] * 5, x, [None] * 5, w, out, consensus=True, normalize=True,
+                                   divisor=torch.tensor(1.0), scale=1.0)
+    assert not native.weighted_sum([x, x], w[:2], torch.zeros(2000))
+    assert not native.banded_merge([x, x], x, [None] * 2, w[:2], torch.zeros(999), consensus=False, normalize=False,
+                                   divisor=torch.tensor(1.0), scale=1.0)
+    assert not native.banded_merge([x, x], x, [None] * 2, w[:2], out, consensus=False, normalize=False,
+                                   divisor=torch.tensor(1.0), scale=1.0, deltas=torch.zeros(2, 999))
+    assert torch.count_nonzero(out) == 0
+    merged = merge_tensor("ties", x, [x + 1] * 5, [{"weight": 0.2, "density": 0.5}] * 5, {})
+    assert merged.shape == x.shape
+
+
+def test_the_load_check_holds_under_other_torch_defaults(kernel):
+    """vLLM loads weights under torch.set_default_dtype(bfloat16): the check's float32 buffers must stay float32."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assert native._agrees_with_torch(kernel)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_a_large_tensor_split_across_threads_gives_the_same_bits(kernel, monkeypatch):
@@ -208,6 +246,25 @@ def test_a_kernel_that_would_not_give_torchs_bits_is_not_used(kernel, monkeypatc
     try:
         assert native.library() is None
         assert "does not give torch's bits" in caplog.text
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_library_others_could_have_written_is_not_loaded(kernel, monkeypatch, tmp_path):
+    """A cached library that is group- or world-writable (someone else could have put code there)
+    is refused; the build goes to the private temp folder instead."""
+    cache, temp = tmp_path / "cache", tmp_path / "temp"
+    temp.mkdir()
+    (cache / "evomerge").mkdir(parents=True)
+    planted = cache / "evomerge" / Path(kernel._name).name
+    shutil.copy(kernel._name, planted)
+    planted.chmod(0o666)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    native.library.cache_clear()
+    try:
+        lib = native.library()
+        assert lib is not None and Path(lib._name).parent.parent == temp
     finally:
         native.library.cache_clear()
 

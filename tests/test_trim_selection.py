@@ -247,6 +247,24 @@ def test_streamed_band_is_the_whole_tensor_band(name, delta, reader, size, sampl
         assert torch.equal(streamed_band(delta, rule, size, reader), rule.mask(keys)), (rule, size, reader)
 
 
+def test_compiled_bands_of_a_large_delta_on_two_threads_with_too_little_room(monkeypatch):
+    """Each thread gathers its part of the keys; with room for one key per thread, every wide
+    bracket overflows and the pass runs again with the room the counts asked for."""
+    if native.library() is None:
+        pytest.skip("no C compiler here: the compiled reader is not built")
+    monkeypatch.setattr(trim, "_SAMPLE", 256)
+    monkeypatch.setattr(native, "POOL_SLACK", 1)
+    delta = bf16_delta((200_000,), 12)
+    keys, n = magnitude_keys(delta), delta.numel()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rule in (trim.Trim(n, n // 3, n, largest=True), trim.Trim(n, n // 10, n - n // 50, largest=False)):
+            assert torch.equal(streamed_band(delta, rule, None, "native"), rule.mask(keys)), rule
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_misleading_sample_is_caught_and_the_keys_are_read_whole(monkeypatch):
     """Sampled positions that are all outliers bracket the wrong magnitudes: the pass notices the
     rank fell outside its bracket (None), and the fallback still gives the exact band."""

@@ -247,6 +247,7 @@ static void *bracket_run(void *arg) {
 int32_t bracket_pass(int64_t n, const void *x, int32_t xd, const void *b, int32_t bd, int32_t n_brackets,
                      const int64_t *lows, const int64_t *highs, const int32_t *wide, int64_t *below, int64_t *equal,
                      int32_t *pool, int64_t cap, int64_t *gathered, int32_t threads) {
+    if (n_brackets > MAX_BRACKETS) return 0; /* native.py never asks: the counts below are this big */
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
     threads = thread_count(blocks, threads);
     struct bracket_job jobs[MAX_THREADS];
@@ -382,6 +383,7 @@ void banded_merge(int64_t n, int32_t n_sources, const void *const *sources, cons
                   const void *base, int32_t base_dtype, const float *deltas, const struct band *bands, const float *weights,
                   int32_t consensus, int32_t normalize, float divisor, int32_t scale, float lambda, void *out,
                   int32_t out_dtype, int32_t threads) {
+    if (n_sources > MAX_SOURCES) return; /* native.py never asks: the arrays below are this big */
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
     threads = thread_count(blocks, threads);
     struct banded_job jobs[MAX_THREADS];

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -48,25 +49,37 @@ def _cache_dirs() -> list[Path]:
 def _cpu_signature() -> str:
     """-march=native code runs only where the CPU has the same features: part of the cache key."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = " ".join(sorted({line for line in lines if line.startswith(("flags", "Features", "CPU part"))}))
+    except OSError:
         flags = ""
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
+def _private(path: Path) -> None:
+    """Refuse a folder or library another user could have written: a library is code we run."""
+    if not hasattr(os, "getuid"):
+        return
+    info = path.lstat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{path} is not this user's alone")
+
+
 def _build(compiler: str, target: Path) -> None:
     """Compile into a temporary file and rename it into place, so that concurrent workers never
-    load a half-written library. The folder is the user's alone: a library is code we run."""
+    load a half-written library."""
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if hasattr(os, "getuid") and target.parent.stat().st_uid != os.getuid():
-        raise OSError(f"{target.parent} belongs to another user")
+    _private(target.parent)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         pass
-    done = subprocess.run([compiler, str(SOURCE), *FLAGS, "-o", tmp.name], capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(tmp.name)
-        raise OSError(f"{compiler} failed: {(done.stderr.strip().splitlines() or [f'exit {done.returncode}'])[-1]}")
-    os.replace(tmp.name, target)
+    try:
+        done = subprocess.run([*shlex.split(compiler), str(SOURCE), *FLAGS, "-o", tmp.name], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {(done.stderr.strip().splitlines() or [f'exit {done.returncode}'])[-1]}")
+        os.replace(tmp.name, target)
+    finally:
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
 
 
 def _load(compiler: str, name: str) -> ctypes.CDLL:
@@ -77,6 +90,8 @@ def _load(compiler: str, name: str) -> ctypes.CDLL:
         try:
             if not target.exists():
                 _build(compiler, target)
+            _private(folder)
+            _private(target)
             return ctypes.CDLL(str(target))
         except OSError as error:
             errors.append(str(error))
@@ -92,12 +107,17 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler (cc): merges run on torch's kernels (the same bits, 2-5x slower on a CPU)")
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     try:
-        lib = _load(compiler, f"fused-{key}.so")
-    except OSError as error:
+        return _checked(compiler)
+    except Exception as error:  # anything at all: the merges still run, on torch's kernels
         log.warning("could not build the fused merge kernel (%s): torch's kernels are used instead", error)
         return None
+
+
+def _checked(compiler: str) -> ctypes.CDLL | None:
+    """Build (or find) the library, declare its functions, check it gives torch's bits."""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    lib = _load(compiler, f"fused-{key}.so")
     i32, i64, f32, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     signatures = {  # name: (result, arguments), as fused.c declares them
         "weighted_sum": (None, [i64, i32, ptr, ptr, ptr, i32, f32, ptr, i32, i32]),
@@ -119,15 +139,16 @@ def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
     kernel) rounds its multiply-add once (fmaf in fused.c) and task arithmetic's mul_ then add_
     twice. A torch build or CPU where that differs gets torch's kernels."""
     n, weights = 4099, [0.7, -0.35, 1.3]
-    g = torch.Generator().manual_seed(0)
-    sources = [torch.randn(n, generator=g).to(torch.bfloat16) for _ in weights]
+    f32, cpu = torch.float32, torch.device("cpu")  # explicit: a caller may have set torch's defaults (vLLM does)
+    g = torch.Generator(device=cpu).manual_seed(0)
+    sources = [torch.randn(n, generator=g, dtype=f32, device=cpu).to(torch.bfloat16) for _ in weights]
     base = sources[0].float()
-    linear, task = torch.zeros(n), torch.zeros(n)
+    linear, task = torch.zeros(n, dtype=f32, device=cpu), torch.zeros(n, dtype=f32, device=cpu)
     for source, w in zip(sources, weights):
-        linear.addcmul_(source.float(), torch.tensor(w))
-        task += (source.float() - base).mul_(torch.tensor(w))
+        linear.addcmul_(source.float(), torch.tensor(w, dtype=f32, device=cpu))
+        task += (source.float() - base).mul_(torch.tensor(w, dtype=f32, device=cpu))
     task += base
-    ours = [torch.empty(n), torch.empty(n)]
+    ours = [torch.empty(n, dtype=f32, device=cpu), torch.empty(n, dtype=f32, device=cpu)]
     pointers, dtypes = _array(ctypes.c_void_p, (s.data_ptr() for s in sources)), _array(ctypes.c_int32, [1] * 3)
     floats = _array(ctypes.c_float, weights)
     lib.weighted_sum(n, 3, pointers, dtypes, floats, 0, 1.0, ours[0].data_ptr(), 0, 1)
@@ -153,7 +174,7 @@ def weighted_sum(sources: Sequence[torch.Tensor], weights: torch.Tensor, out: to
                  divisor: torch.Tensor | None = None) -> bool:
     """Linear's out = sum_i w_i * source_i [/ divisor], float32 arithmetic in torch's order (fused.c)."""
     lib = _applies(*sources, out)
-    if lib is None or weights.dtype != torch.float32:
+    if lib is None or weights.dtype != torch.float32 or any(t.numel() != out.numel() for t in sources):
         return False
     lib.weighted_sum(
         out.numel(), len(sources), _array(ctypes.c_void_p, (s.data_ptr() for s in sources)),
@@ -194,7 +215,8 @@ def banded_merge(sources: Sequence[torch.Tensor], base: torch.Tensor, bands: Seq
     `deltas` (float32 [n_sources, numel]: DARE's and DELLA's masked deltas) they replace source_i - base."""
     lib = _applies(*sources, out, base, *([deltas] if deltas is not None else []))
     if (lib is None or weights.dtype != torch.float32 or len(sources) > MAX_SOURCES
-            or (deltas is not None and deltas.dtype != torch.float32)
+            or (deltas is not None and (deltas.dtype != torch.float32 or deltas.numel() != len(sources) * out.numel()))
+            or any(t.numel() != out.numel() for t in (*sources, base))
             or any(b is not None and len(b.runs) > 2 for b in bands)):
         return False
     lib.banded_merge(
@@ -239,7 +261,7 @@ class DeltaKeys:
         gathered = (ctypes.c_int64 * threads)()
         cap = self._expected_inside(brackets, wide) // threads + POOL_SLACK
         while True:
-            pool = torch.empty(threads * (cap + POOL_PAD), dtype=torch.int32)
+            pool = torch.empty(threads * (cap + POOL_PAD), dtype=torch.int32, device="cpu")
             used = self.lib.bracket_pass(self.n, *self.args, k, lows, highs, _array(ctypes.c_int32, wide), below,
                                          equal, pool.data_ptr(), cap, gathered, threads)
             counts = list(gathered)[:used]
@@ -270,10 +292,11 @@ def row_ramp(rows: torch.Tensor, ramp: torch.Tensor, threads: int | None = None)
     """DELLA's keep probabilities: for each entry of the float32 matrix `rows`, ramp[its rank], its
     rank being its place in a stable ascending sort of its row's magnitudes (fused.c's radix sort)."""
     lib = _applies(rows, ramp)
-    if lib is None or rows.dtype != torch.float32 or ramp.dtype != torch.float32 or rows.dim() != 2:
+    if (lib is None or rows.dtype != torch.float32 or ramp.dtype != torch.float32 or rows.dim() != 2
+            or ramp.numel() != rows.shape[1] or rows.shape[1] >= 1 << 32):  # columns are tagged in 32 bits
         return None
     prob = torch.empty_like(rows)
     if lib.row_ramp(rows.shape[0], rows.shape[1], rows.data_ptr(), ramp.data_ptr(), prob.data_ptr(),
                     threads or torch.get_num_threads()) != 0:
-        raise MemoryError(f"no memory for the sort of a row of {rows.shape[1]} entries")
+        return None  # no memory for a row's sort: torch's path (which needs more) will say so
     return prob
