@@ -3,7 +3,11 @@ TIES and breadcrumbs (their magnitude trims too), on every float dtype, special 
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shlex
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -233,6 +237,34 @@ def test_an_unwritable_cache_falls_back_to_a_private_temp_folder(kernel, monkeyp
         assert [p.suffix for p in folder.iterdir()] == [".so"]
     finally:
         native.library.cache_clear()
+
+
+def test_a_build_without_avx512_gives_the_same_bits(kernel, monkeypatch, tmp_path):
+    """This CPU runs the AVX-512 key gather; the build a CPU without it gets runs the scalar one:
+    the same bands (a tie-heavy delta, the gather's room too small so it overflows and retries,
+    two threads) and the same merges."""
+    target = tmp_path / "portable.so"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    done = subprocess.run([*shlex.split(compiler), str(native.SOURCE), *native.FLAGS, "-mno-avx512f", "-o", str(target)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    portable = native.declare(ctypes.CDLL(str(target)))
+    assert native._agrees_with_torch(portable)
+    monkeypatch.setattr(native, "library", lambda: portable)
+    monkeypatch.setattr(native, "POOL_SLACK", 1)
+    monkeypatch.setattr(native.DeltaKeys, "_expected_inside", lambda self, brackets, wide: 0)  # room for 1 key a thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for base, *sources in (tie_heavy(3, 200_001, seed=9), tensors(4, 200_001, torch.bfloat16, seed=9)):
+            for method in ("ties", "breadcrumbs", "della"):
+                params = (TRIM_PARAMS.get(method) or RANDOM_PARAMS[method])[:3]
+                rows = (lambda t: t.view(3, -1)) if method == "della" else (lambda t: t)
+                fused, reference = both_ways(monkeypatch, method, rows(base), [rows(s) for s in sources], params, {},
+                                             torch.bfloat16)
+                same_bits(fused, reference)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_kernel_that_would_not_give_torchs_bits_is_not_used(kernel, monkeypatch, caplog):

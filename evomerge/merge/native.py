@@ -118,6 +118,15 @@ def _checked(compiler: str) -> ctypes.CDLL | None:
     """Build (or find) the library, declare its functions, check it gives torch's bits."""
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     lib = _load(compiler, f"fused-{key}.so")
+    declare(lib)
+    if not _agrees_with_torch(lib):
+        log.warning("the fused merge kernel does not give torch's bits on this machine: torch's kernels are used instead")
+        return None
+    return lib
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Give ctypes fused.c's signatures."""
     i32, i64, f32, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     signatures = {  # name: (result, arguments), as fused.c declares them
         "weighted_sum": (None, [i64, i32, ptr, ptr, ptr, i32, f32, ptr, i32, i32]),
@@ -128,9 +137,6 @@ def _checked(compiler: str) -> ctypes.CDLL | None:
     }
     for name, (result, arguments) in signatures.items():
         getattr(lib, name).restype, getattr(lib, name).argtypes = result, arguments
-    if not _agrees_with_torch(lib):
-        log.warning("the fused merge kernel does not give torch's bits on this machine: torch's kernels are used instead")
-        return None
     return lib
 
 
