@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
@@ -99,8 +100,8 @@ def wait_for_running_trial_after(path: Path, k: int, timeout: float = 240, proc:
     while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
             states = [t.state for t in trials_of(path)]
-        except KeyError:  # the study is not created yet
-            states = []
+        except (KeyError, sqlalchemy.exc.OperationalError):  # the study is not created yet, or being created:
+            states = []  # Optuna's schema set-up races between processes ("table alembic_version already exists")
         if states.count(TrialState.COMPLETE) >= k and TrialState.RUNNING in states:
             return
         time.sleep(0.05)
