@@ -17,9 +17,9 @@ def linear(base, sources, params, options, rng, out):
     first = sources[0]
     if out is None:
         out = torch.empty(first.shape, dtype=dtype, device=first.device)
-    weights = [torch.tensor(p["weight"], dtype=dtype, device=first.device) for p in params]
-    total = torch.stack(weights).sum()
-    if native.weighted_sum(sources, torch.stack(weights), out, divisor=total if options["normalize"] else None):
+    stacked = torch.tensor([p["weight"] for p in params], dtype=dtype, device=first.device)
+    weights, total = list(stacked), stacked.sum()
+    if native.weighted_sum(sources, stacked, out, divisor=total if options["normalize"] else None):
         return out
     numel = first.numel()
     flat_out, flat_sources = out.view(-1), [s.reshape(-1) for s in sources]
