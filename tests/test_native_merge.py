@@ -62,9 +62,10 @@ def spy(fn, calls):
 
 def both_ways(monkeypatch, method, base, sources, params, options, out_dtype):
     """The merge with the fused kernel and with torch's kernels, into `out` tensors of out_dtype.
-    A trimmed source's band must come from the compiled key reader, DELLA's ranks from the compiled
-    sort: a part that silently declined would leave the comparison with torch's own."""
-    results, fused_calls, readers, ramps = [], [], [], []
+    A trimmed source's band must come from the compiled key reader, DARE's and DELLA's masks from the
+    compiled pass (DELLA's ranks by its sort): a part that silently declined would leave the
+    comparison with torch's own."""
+    results, fused_calls, readers, drawn = [], [], [], []
     reader_of = native.DeltaKeys.of
     for use_native in (True, False):
         with monkeypatch.context() as m:
@@ -72,18 +73,18 @@ def both_ways(monkeypatch, method, base, sources, params, options, out_dtype):
                 for entry in ("weighted_sum", "banded_merge"):
                     m.setattr(native, entry, spy(getattr(native, entry), fused_calls))
                 m.setattr(native.DeltaKeys, "of", spy(reader_of, readers))
-                m.setattr(native, "row_ramp", spy(native.row_ramp, ramps))
+                m.setattr(native, "keep_drawn", spy(native.keep_drawn, drawn))
             else:
                 m.setattr(native, "library", lambda: None)
             out = torch.empty(sources[0].shape, dtype=out_dtype) if out_dtype is not None else None
             rng = TensorRNG(5, "model.layers.0.mlp.up_proj.weight") if get_method(method).random else None
             results.append(merge_tensor(method, base, sources, params, options, rng, out=out))
     assert fused_calls == [True], "the fused kernel did not run"
-    assert all(r is not None for r in readers + ramps), "a compiled pass declined"
+    assert all(r is not None for r in readers) and all(drawn), "a compiled pass declined"
     if sources[0].numel() > 0:
         trims = any(p.get("density", 1.0) < 1 for p in params) and "rescale" not in options
         assert bool(readers) == (trims and method in ("ties", "breadcrumbs", "breadcrumbs_ties"))
-        assert bool(ramps) == (method.startswith("della") and any(0 < p["density"] < 1 for p in params))
+        assert bool(drawn) == (get_method(method).random and any(0 < p["density"] < 1 for p in params))
     return results
 
 
@@ -153,7 +154,8 @@ RANDOM_PARAMS["dare_linear"], RANDOM_PARAMS["della_linear"] = RANDOM_PARAMS["dar
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
 @pytest.mark.parametrize("n", [1, 2, 4])
-@pytest.mark.parametrize("options", [{}, {"normalize": True, "lambda": 0.7}, {"rescale": False}])
+@pytest.mark.parametrize("options", [{}, {"normalize": True, "lambda": 0.7}, {"rescale": False},
+                                     {"rescale": True, "rescale_mode": "inverse_density"}])
 def test_random_merges_give_torchs_bits(kernel, monkeypatch, method, n, options):
     """DARE's and DELLA's masked deltas combined by the compiled pass (DELLA's ranks by its radix sort)."""
     base, *sources = tensors(n + 1, 64 * 1031, torch.bfloat16, seed=30 + n)
@@ -269,10 +271,15 @@ def test_a_build_without_avx512_gives_the_same_bits(kernel, monkeypatch, tmp_pat
 
 def test_a_kernel_that_would_not_give_torchs_bits_is_not_used(kernel, monkeypatch, caplog):
     """library() checks on load that the compiled arithmetic is torch's on this machine (its FMA
-    premise); a kernel that disagrees, here one whose passes do nothing, is refused."""
+    premise) and that its draws are torch's generator's; a kernel that disagrees, here one whose
+    passes or whose generator do nothing, is refused."""
     assert native._agrees_with_torch(kernel)
-    idle = type("Idle", (), {"weighted_sum": lambda *a: None, "banded_merge": lambda *a: None})()
+    idle = type("Idle", (), {"weighted_sum": lambda *a: None, "banded_merge": lambda *a: None,
+                             "uniform_draws": lambda *a: None})()
     assert not native._agrees_with_torch(idle)
+    other_generator = type("OtherGenerator", (), {"weighted_sum": kernel.weighted_sum, "banded_merge": kernel.banded_merge,
+                                                  "uniform_draws": lambda *a: None})()
+    assert not native._agrees_with_torch(other_generator)
     monkeypatch.setattr(native, "_agrees_with_torch", lambda lib: False)
     native.library.cache_clear()
     try:

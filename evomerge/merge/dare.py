@@ -12,16 +12,18 @@ import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.rng import TensorRNG
-from evomerge.merge.task_arithmetic import generalized_task_arithmetic
+from evomerge.merge.scratch import scratch
+from evomerge.merge.task_arithmetic import DrawnMask, generalized_task_arithmetic
 
 
-def random_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
+def random_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> DrawnMask | None:
     density = params["density"]
     if density >= 1:
         return None
     if rng is None:
         raise EvomergeError("DARE needs a generator")
-    return rng.keep_mask(max(density, 0.0), delta.shape, delta.device)
+    draws = rng.uniform(delta.shape, delta.device, out=scratch("draws", delta.shape, torch.float32, delta.device))
+    return DrawnMask(draws, float(max(density, 0.0)))
 
 
 dare_ties = functools.partial(generalized_task_arithmetic, sparsifier=random_mask, consensus=True)

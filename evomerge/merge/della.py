@@ -8,19 +8,21 @@ mergekit's argsort of the argsort sorts twice. On a CPU that sort is
 numpy's of (key << 32 | position): the keys are distinct, so any sort gives the stable order, and
 numpy's vectorized integer sort is ~4x torch's comparison sort of rows (measured, see row_order).
 Where the compiled passes apply (evomerge.merge.native: float32 deltas on the CPU), a stable
-radix sort of each row, on all threads, gives the same ranks and writes the ramp in place."""
+radix sort of each row, on all threads, gives the same ranks, and each entry is compared with its
+draw as its rank is found: the probabilities are never stored (task_arithmetic.DrawnMask)."""
 
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
 from evomerge.errors import EvomergeError
 from evomerge.merge import native
 from evomerge.merge.rng import TensorRNG
-from evomerge.merge.task_arithmetic import generalized_task_arithmetic
+from evomerge.merge.scratch import scratch
+from evomerge.merge.task_arithmetic import DrawnMask, generalized_task_arithmetic
 from evomerge.merge.trim import magnitude_keys
 
 
@@ -38,23 +40,38 @@ def row_order(keys: torch.Tensor) -> torch.Tensor:
     return torch.argsort(keys, dim=1, stable=True)
 
 
-def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float, threads: int | None = None) -> torch.Tensor:
-    """Per-row linear ramp over magnitude ranks; a 1-D tensor is one row, a 1-entry row gets density - epsilon.
-    The ramp is computed once per rank (the same arithmetic on each rank as per entry) and scattered
-    to the entries in sorted order: no per-entry rank tensor. `threads`: the compiled sort's (default
-    torch's count, which a new Python thread does not inherit)."""
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    span = max(rows.shape[1] - 1, 1)
-    ranks = torch.arange(rows.shape[1], device=delta.device).to(delta.dtype)
-    ramp = (density - epsilon) + ranks / span * 2 * epsilon
-    compiled = native.row_ramp(rows, ramp, threads)  # the same order by a radix sort, where it applies
+class RankRamp(NamedTuple):
+    """DELLA's keep probability: a linear ramp over an entry's magnitude rank in its row, from
+    density - epsilon to density + epsilon. A 1-D tensor is one row; a 1-entry row gets density - epsilon."""
+    density: float
+    epsilon: float
+
+    def rows(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+
+    def ramp(self, delta: torch.Tensor) -> torch.Tensor:
+        """The probability of each rank, 0 to the row's length - 1, in delta's dtype."""
+        cols = self.rows(delta).shape[1]
+        ranks = torch.arange(cols, device=delta.device).to(delta.dtype)
+        return (self.density - self.epsilon) + ranks / max(cols - 1, 1) * 2 * self.epsilon
+
+    def probabilities(self, delta: torch.Tensor) -> torch.Tensor:
+        return keep_probabilities(delta, self.density, self.epsilon)
+
+
+def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Each entry's RankRamp probability. The ramp is computed once per rank (the same arithmetic on
+    each rank as per entry) and scattered to the entries in sorted order: no per-entry rank tensor."""
+    spec = RankRamp(density, epsilon)
+    rows, ramp = spec.rows(delta), spec.ramp(delta)
+    compiled = native.row_ramp(rows, ramp)  # the same order by a radix sort, where it applies
     if compiled is not None:
         return compiled.view_as(delta)
     order = row_order(magnitude_keys(rows).view(rows.shape))
     return torch.empty(rows.shape, dtype=delta.dtype, device=delta.device).scatter_(1, order, ramp.expand_as(order)).view_as(delta)
 
 
-def magprune_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | None:
+def magprune_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG | None) -> torch.Tensor | DrawnMask | None:
     density, epsilon = params["density"], params["epsilon"]
     if density >= 1:
         return None
@@ -64,14 +81,8 @@ def magprune_mask(delta: torch.Tensor, params: dict[str, float], rng: TensorRNG 
         raise EvomergeError(f"della: density +- epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
     if rng is None:
         raise EvomergeError("DELLA needs a generator")
-    if delta.device.type != "cpu":
-        return rng.keep_mask(keep_probabilities(delta, density, epsilon), delta.shape, delta.device)
-    # On a CPU the draw (torch's generator: one serial thread) runs while the rows are ranked on
-    # the other threads: both release the GIL. The same draws and probabilities, so the same mask.
-    with ThreadPoolExecutor(1) as pool:
-        probabilities = pool.submit(keep_probabilities, delta, density, epsilon, torch.get_num_threads())
-        draws = rng.uniform(delta.shape, delta.device)
-        return draws < probabilities.result()
+    draws = rng.uniform(delta.shape, delta.device, out=scratch("draws", delta.shape, torch.float32, delta.device))
+    return DrawnMask(draws, RankRamp(float(density), float(epsilon)))
 
 
 della = functools.partial(generalized_task_arithmetic, sparsifier=magprune_mask, consensus=True)

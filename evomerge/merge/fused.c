@@ -297,7 +297,8 @@ struct banded_job {
     const void *const *sources;
     const int32_t *source_dtypes;
     const void *base;
-    const float *deltas;
+    const float *deltas, *scales;
+    const int32_t *scaled;
     const struct band *bands;
     const float *weights;
     float divisor, lambda;
@@ -321,9 +322,11 @@ static void *banded_run(void *arg) {
                 for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + (bf16_to_f32(s[j]) - b[j]) * w;
                 continue;
             }
-            if (q->deltas)
+            if (q->deltas) {
                 memcpy(di, q->deltas + i * q->n + start, (size_t)m * sizeof(float));
-            else
+                if (q->scaled && q->scaled[i]) /* the L1 rescale's factor, where there is one */
+                    for (int64_t j = 0; j < m; j++) di[j] = di[j] * q->scales[i];
+            } else
                 delta_block(di, q->sources[i], q->source_dtypes[i], b, start, m);
             if (t->trims) {
                 keys_block(k, di, m);
@@ -377,10 +380,12 @@ static void *banded_run(void *arg) {
 /* out = b + lambda * combine_i(w_i * trim_i(x_i - b)) in generalized_task_arithmetic's order, where
    combine is the running sum (divided by `divisor` when normalize) or, with consensus, TIES's
    sign-consensus sum (divided by the agreeing weights when normalize). At most MAX_SOURCES. With
-   `deltas` (float32, n_sources x n: DARE's and DELLA's masked, rescaled deltas) the deltas are
-   read from there instead of computed from the sources. */
+   `deltas` (float32, n_sources x n: DARE's and DELLA's masked deltas) the deltas are read from
+   there instead of computed from the sources, each first multiplied by its L1 rescale factor in
+   `scales` where `scaled` says it has one (both NULL: none has). */
 void banded_merge(int64_t n, int32_t n_sources, const void *const *sources, const int32_t *source_dtypes,
-                  const void *base, int32_t base_dtype, const float *deltas, const struct band *bands, const float *weights,
+                  const void *base, int32_t base_dtype, const float *deltas, const float *scales,
+                  const int32_t *scaled, const struct band *bands, const float *weights,
                   int32_t consensus, int32_t normalize, float divisor, int32_t scale, float lambda, void *out,
                   int32_t out_dtype, int32_t threads) {
     if (n_sources > MAX_SOURCES) return; /* native.py never asks: the arrays below are this big */
@@ -390,8 +395,89 @@ void banded_merge(int64_t n, int32_t n_sources, const void *const *sources, cons
     for (int32_t t = 0; t < threads; t++)
         jobs[t] = (struct banded_job){n, blocks * t / threads, blocks * (t + 1) / threads, n_sources, base_dtype,
                                       consensus, normalize, scale, out_dtype, sources, source_dtypes, base, deltas,
-                                      bands, weights, divisor, lambda, out};
+                                      scales, scaled, bands, weights, divisor, lambda, out};
     run_parallel(banded_run, jobs, sizeof jobs[0], threads);
+}
+
+/* ---- A source's float32 delta for DARE and DELLA (task_arithmetic._sparse_deltas):
+   delta = f32(x) - f32(b), and |delta| into `magnitude` where given (the L1 rescale's sum). */
+
+struct delta_job {
+    int64_t n, first_block, last_block;
+    const void *x, *b;
+    int32_t xd, bd;
+    float *delta, *magnitude;
+};
+
+static void *delta_run(void *arg) {
+    const struct delta_job *q = arg;
+    float base[BLOCK];
+    for (int64_t blk = q->first_block; blk < q->last_block; blk++) {
+        int64_t start = blk * BLOCK, m = q->n - start < BLOCK ? q->n - start : BLOCK;
+        to_f32(base, q->b, q->bd, start, m);
+        delta_block(q->delta + start, q->x, q->xd, base, start, m);
+        if (q->magnitude)
+            for (int64_t j = 0; j < m; j++) q->magnitude[start + j] = fabsf(q->delta[start + j]);
+    }
+    return NULL;
+}
+
+void source_delta(int64_t n, const void *x, int32_t xd, const void *b, int32_t bd, float *delta, float *magnitude,
+                  int32_t threads) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    threads = thread_count(blocks, threads);
+    struct delta_job jobs[MAX_THREADS];
+    for (int32_t t = 0; t < threads; t++)
+        jobs[t] = (struct delta_job){n, blocks * t / threads, blocks * (t + 1) / threads, x, b, xd, bd, delta, magnitude};
+    run_parallel(delta_run, jobs, sizeof jobs[0], threads);
+}
+
+/* ---- The draws of DARE and DELLA applied to a source's float32 delta in place, as
+   task_arithmetic.DrawnMask does in torch: delta = delta * (draw < p ? 1 : 0), then
+   [delta = delta / divisor] (rescale_mode inverse_density), and |delta| into `magnitude` where
+   given (the L1 rescale's sum, which torch then takes). p is `threshold` for every entry (DARE),
+   or DELLA's ramp at the entry's magnitude rank in its row (row_ramp). */
+
+/* delta * (draw < p): as a 0/1 float (no branch on a coin flip), as torch multiplies by the mask
+   made float: signed zeros and NaN kept */
+static inline float kept(float delta, float draw, float p) { return delta * (float)(draw < p); }
+
+/* then, over a stretch already masked: [/ divisor], and |delta| into magnitude where given */
+static void keep_finish(float *d, int64_t m, int32_t divide, float divisor, float *magnitude) {
+    if (divide)
+        for (int64_t j = 0; j < m; j++) d[j] = d[j] / divisor;
+    if (magnitude)
+        for (int64_t j = 0; j < m; j++) magnitude[j] = fabsf(d[j]);
+}
+
+struct keep_job {
+    int64_t first, last;
+    float *delta, *magnitude;
+    const float *draws;
+    float threshold, divisor;
+    int32_t divide;
+};
+
+static void *keep_run(void *arg) {
+    const struct keep_job *q = arg;
+    for (int64_t start = q->first; start < q->last; start += BLOCK) { /* a block at a time: finished in L1 */
+        int64_t m = q->last - start < BLOCK ? q->last - start : BLOCK;
+        float *d = q->delta + start;
+        for (int64_t j = 0; j < m; j++) d[j] = kept(d[j], q->draws[start + j], q->threshold);
+        keep_finish(d, m, q->divide, q->divisor, q->magnitude ? q->magnitude + start : NULL);
+    }
+    return NULL;
+}
+
+/* DARE: every entry kept where its draw is below `threshold`. */
+void keep_drawn(int64_t n, float *delta, const float *draws, float threshold, int32_t divide, float divisor,
+                float *magnitude, int32_t threads) {
+    threads = thread_count((n + BLOCK - 1) / BLOCK, threads);
+    struct keep_job jobs[MAX_THREADS];
+    for (int32_t t = 0; t < threads; t++) /* whole blocks per thread: no two threads share a cache line */
+        jobs[t] = (struct keep_job){(n * t / threads) / BLOCK * BLOCK, t + 1 == threads ? n : (n * (t + 1) / threads) / BLOCK * BLOCK,
+                                    delta, magnitude, draws, threshold, divisor, divide};
+    run_parallel(keep_run, jobs, sizeof jobs[0], threads);
 }
 
 /* ---- DELLA (evomerge/merge/della.py): each entry's keep probability is a ramp over its magnitude
@@ -399,29 +485,28 @@ void banded_merge(int64_t n, int32_t n_sources, const void *const *sources, cons
    sort of each row's (key, column) pairs, on the bits where the row's keys differ only (those
    of a bf16 model's delta differ in ~20: 2-3 passes), gives the order, ~8 ns an entry on one
    thread here (numpy's sort: ~12, torch's stable argsort ~48); the ramp's value for each rank
-   is written where that entry sits. */
+   is written where that entry sits, or, given the draws, compared with that entry's draw there
+   and then (kept). */
 
 #define RADIX_BITS 11
 
 struct ramp_job {
     int64_t cols, first_row, last_row;
-    const float *delta, *ramp;
-    float *prob;
-    int failed;
+    float *delta, *prob, *magnitude;
+    const float *ramp, *draws;
+    float divisor;
+    int32_t divide;
+    uint64_t *items; /* 2 x cols: key << 32 | column */
+    int64_t *at;     /* each digit's next place */
+    float *row;      /* cols: one row's probabilities, with draws */
 };
 
 static void *ramp_run(void *arg) {
     struct ramp_job *q = arg;
-    int64_t cols = q->cols;
-    uint64_t *items = malloc(2 * (size_t)cols * sizeof *items); /* key << 32 | column */
-    int64_t *at = malloc(((size_t)1 << RADIX_BITS) * sizeof *at); /* each digit's next place */
+    int64_t cols = q->cols, *at = q->at;
+    uint64_t *items = q->items;
     int max_width = 4;
     while (max_width < RADIX_BITS && ((int64_t)4 << max_width) < cols) max_width++;
-    if (!items || !at) {
-        free(items), free(at);
-        q->failed = 1;
-        return NULL;
-    }
     for (int64_t row = q->first_row; row < q->last_row; row++) {
         const float *d = q->delta + row * cols;
         uint64_t *a = items, *t = items + cols;
@@ -454,16 +539,26 @@ static void *ramp_run(void *arg) {
             for (int64_t c = 0; c < cols; c++) t[at[(a[c] >> shift) & mask]++] = a[c];
             uint64_t *swap = a; a = t; t = swap;
         }
-        float *p = q->prob + row * cols;
-        for (int64_t r = 0; r < cols; r++) p[(uint32_t)a[r]] = q->ramp[r];
+        if (q->draws) {
+            float *dd = q->delta + row * cols, *m = q->magnitude ? q->magnitude + row * cols : NULL;
+            const float *u = q->draws + row * cols;
+            float *p = q->row; /* the row's probabilities, scattered in cache, then read in order */
+            for (int64_t r = 0; r < cols; r++) p[(uint32_t)a[r]] = q->ramp[r];
+            for (int64_t c = 0; c < cols; c++) dd[c] = kept(dd[c], u[c], p[c]);
+            keep_finish(dd, cols, q->divide, q->divisor, m);
+        } else {
+            float *p = q->prob + row * cols;
+            for (int64_t r = 0; r < cols; r++) p[(uint32_t)a[r]] = q->ramp[r];
+        }
     }
-    free(items), free(at);
     return NULL;
 }
 
-/* prob[row][c] = ramp[rank of |delta[row][c]| in a stable ascending sort of its row], float32
-   rows x cols. Returns 0, or -1 when memory for the sort could not be had. */
-int32_t row_ramp(int64_t rows, int64_t cols, const float *delta, const float *ramp, float *prob, int32_t threads) {
+/* p = ramp[rank of |delta[row][c]| in a stable ascending sort of its row], float32 rows x cols:
+   into prob[row][c], or, with `draws` (prob then unused), applied to delta in place by
+   kept and keep_finish. Returns 0, or -1 when memory for the sort could not be had (delta then unchanged). */
+int32_t row_ramp(int64_t rows, int64_t cols, float *delta, const float *ramp, float *prob, const float *draws,
+                 int32_t divide, float divisor, float *magnitude, int32_t threads) {
     if (rows <= 0 || cols <= 0) return 0; /* nothing to sort (and malloc(0) may say no) */
     /* a thread for every MIN_BLOCKS_PER_THREAD * BLOCK entries at least, whole rows each */
     int64_t per_thread = (int64_t)MIN_BLOCKS_PER_THREAD * BLOCK;
@@ -473,10 +568,55 @@ int32_t row_ramp(int64_t rows, int64_t cols, const float *delta, const float *ra
     if (threads > rows) threads = (int32_t)rows;
     if (threads < 1) threads = 1;
     struct ramp_job jobs[MAX_THREADS];
-    for (int32_t t = 0; t < threads; t++)
-        jobs[t] = (struct ramp_job){cols, rows * t / threads, rows * (t + 1) / threads, delta, ramp, prob, 0};
-    run_parallel(ramp_run, jobs, sizeof jobs[0], threads);
-    for (int32_t t = 0; t < threads; t++)
-        if (jobs[t].failed) return -1;
-    return 0;
+    int failed = 0;
+    for (int32_t t = 0; t < threads; t++) { /* all memory first: a failure changes nothing */
+        jobs[t] = (struct ramp_job){cols, rows * t / threads, rows * (t + 1) / threads, delta, prob, magnitude, ramp, draws,
+                                    divisor, divide, malloc(2 * (size_t)cols * sizeof(uint64_t)),
+                                    malloc(((size_t)1 << RADIX_BITS) * sizeof(int64_t)), malloc((size_t)cols * sizeof(float))};
+        failed |= !jobs[t].items || !jobs[t].at || !jobs[t].row;
+    }
+    if (!failed) run_parallel(ramp_run, jobs, sizeof jobs[0], threads);
+    for (int32_t t = 0; t < threads; t++) free(jobs[t].items), free(jobs[t].at), free(jobs[t].row);
+    return failed ? -1 : 0;
+}
+
+/* ---- The mask draws of DARE and DELLA (evomerge/merge/rng.py): torch.rand's float32 values on
+   the CPU for a generator seeded by manual_seed(seed). torch's CPU generator is MT19937,
+   initialized from the seed's low 32 bits (init_genrand), and each float32 draw is the next
+   32-bit output's low 24 bits times 2^-24, in order; native.py checks that against torch.rand on
+   load. torch draws one at a time (~4.3 ns an entry here); regenerating the 624-word state in
+   vector loops and tempering a block at a time takes a fraction of that, with the same bits. */
+
+#define MT_N 624
+#define MT_M 397
+
+static inline uint32_t mt_mix(uint32_t upper, uint32_t lower) {
+    uint32_t y = (upper & 0x80000000u) | (lower & 0x7FFFFFFFu);
+    return (y >> 1) ^ ((lower & 1u) ? 0x9908B0DFu : 0u);
+}
+
+static void mt_twist(uint32_t *mt) {
+    int i = 0;
+    for (; i < MT_N - MT_M; i++) mt[i] = mt[i + MT_M] ^ mt_mix(mt[i], mt[i + 1]);
+    for (; i < MT_N - 1; i++) mt[i] = mt[i + MT_M - MT_N] ^ mt_mix(mt[i], mt[i + 1]); /* reads 227 back: vectorizes */
+    mt[MT_N - 1] = mt[MT_M - 1] ^ mt_mix(mt[MT_N - 1], mt[0]);
+}
+
+void uniform_draws(uint64_t seed, int64_t n, float *out) {
+    uint32_t mt[MT_N];
+    mt[0] = (uint32_t)seed;
+    for (uint32_t i = 1; i < MT_N; i++) mt[i] = 1812433253u * (mt[i - 1] ^ (mt[i - 1] >> 30)) + i;
+    for (int64_t done = 0; done < n; done += MT_N) {
+        mt_twist(mt);
+        int64_t m = n - done < MT_N ? n - done : MT_N;
+        float *o = out + done;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t y = mt[j];
+            y ^= y >> 11;
+            y ^= (y << 7) & 0x9D2C5680u;
+            y ^= (y << 15) & 0xEFC60000u;
+            y ^= y >> 18;
+            o[j] = (float)(y & 0xFFFFFFu) * 0x1p-24f;
+        }
+    }
 }

@@ -127,13 +127,16 @@ def _checked(compiler: str) -> ctypes.CDLL | None:
 
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Give ctypes fused.c's signatures."""
-    i32, i64, f32, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    i32, i64, u64, f32, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p
     signatures = {  # name: (result, arguments), as fused.c declares them
         "weighted_sum": (None, [i64, i32, ptr, ptr, ptr, i32, f32, ptr, i32, i32]),
         "bracket_pass": (i32, [i64, ptr, i32, ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32]),
         "nth_equal": (i64, [i64, ptr, i32, ptr, i32, i64, i64]),
-        "banded_merge": (None, [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr, i32, i32, f32, i32, f32, ptr, i32, i32]),
-        "row_ramp": (i32, [i64, i64, ptr, ptr, ptr, i32]),
+        "banded_merge": (None, [i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, i32, f32, ptr, i32, i32]),
+        "source_delta": (None, [i64, ptr, i32, ptr, i32, ptr, ptr, i32]),
+        "row_ramp": (i32, [i64, i64, ptr, ptr, ptr, ptr, i32, f32, ptr, i32]),
+        "keep_drawn": (None, [i64, ptr, ptr, f32, i32, f32, ptr, i32]),
+        "uniform_draws": (None, [u64, i64, ptr]),
     }
     for name, (result, arguments) in signatures.items():
         getattr(lib, name).restype, getattr(lib, name).argtypes = result, arguments
@@ -141,9 +144,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
-    """The one premise that depends on the machine, checked once: torch's addcmul_ (linear's
-    kernel) rounds its multiply-add once (fmaf in fused.c) and task arithmetic's mul_ then add_
-    twice. A torch build or CPU where that differs gets torch's kernels."""
+    """The premises that depend on the machine and torch's build, checked once: torch's addcmul_
+    (linear's kernel) rounds its multiply-add once (fmaf in fused.c) and task arithmetic's mul_
+    then add_ twice; torch's CPU generator is MT19937 with float32 draws of 24 bits (uniform_draws).
+    A torch build or CPU where that differs gets torch's kernels."""
     n, weights = 4099, [0.7, -0.35, 1.3]
     f32, cpu = torch.float32, torch.device("cpu")  # explicit: a caller may have set torch's defaults (vLLM does)
     g = torch.Generator(device=cpu).manual_seed(0)
@@ -158,9 +162,13 @@ def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
     pointers, dtypes = _array(ctypes.c_void_p, (s.data_ptr() for s in sources)), _array(ctypes.c_int32, [1] * 3)
     floats = _array(ctypes.c_float, weights)
     lib.weighted_sum(n, 3, pointers, dtypes, floats, 0, 1.0, ours[0].data_ptr(), 0, 1)
-    lib.banded_merge(n, 3, pointers, dtypes, sources[0].data_ptr(), 1, None, _array(_Band, [_Band(trims=0)] * 3),
+    lib.banded_merge(n, 3, pointers, dtypes, sources[0].data_ptr(), 1, None, None, None, _array(_Band, [_Band(trims=0)] * 3),
                      floats, 0, 0, 1.0, 0, 1.0, ours[1].data_ptr(), 0, 1)
-    return torch.equal(ours[0], linear) and torch.equal(ours[1], task)
+    seed = 0x7E57_0000_0000_0001  # high bits set: torch seeds MT19937 with the low 32
+    draws = torch.rand(1500, generator=torch.Generator(device=cpu).manual_seed(seed), dtype=f32, device=cpu)
+    ours.append(torch.empty(1500, dtype=f32, device=cpu))
+    lib.uniform_draws(seed, 1500, ours[2].data_ptr())
+    return torch.equal(ours[0], linear) and torch.equal(ours[1], task) and torch.equal(ours[2], draws)
 
 
 def _applies(*tensors: torch.Tensor) -> ctypes.CDLL | None:
@@ -214,24 +222,40 @@ MAX_BRACKETS = 4  # fused.c
 
 def banded_merge(sources: Sequence[torch.Tensor], base: torch.Tensor, bands: Sequence[Band | None], weights: torch.Tensor,
                  out: torch.Tensor, *, consensus: bool, normalize: bool, divisor: torch.Tensor, scale: float,
-                 deltas: torch.Tensor | None = None) -> bool:
+                 deltas: torch.Tensor | None = None, scales: Sequence[torch.Tensor | None] | None = None) -> bool:
     """out = base + scale * combine_i(w_i * trim_i(source_i - base)), generalized_task_arithmetic's
     arithmetic with each delta kept where its band (trim.Band, None: everywhere) keeps it, and
     combine TIES's sign consensus or the running sum (divided by `divisor` when normalize). With
-    `deltas` (float32 [n_sources, numel]: DARE's and DELLA's masked deltas) they replace source_i - base."""
+    `deltas` (float32 [n_sources, numel]: DARE's and DELLA's masked deltas) they replace source_i - base,
+    each multiplied first by its L1 rescale factor in `scales` (None: none)."""
     lib = _applies(*sources, out, base, *([deltas] if deltas is not None else []))
     if (lib is None or weights.dtype != torch.float32 or len(sources) > MAX_SOURCES
             or (deltas is not None and (deltas.dtype != torch.float32 or deltas.numel() != len(sources) * out.numel()))
             or any(t.numel() != out.numel() for t in (*sources, base))
-            or any(b is not None and len(b.runs) > 2 for b in bands)):
+            or any(b is not None and len(b.runs) > 2 for b in bands)
+            or any(s is not None and s.dtype != torch.float32 for s in scales or ())):
         return False
+    factors = _array(ctypes.c_float, (1.0 if s is None else float(s) for s in scales)) if scales else None
+    scaled = _array(ctypes.c_int32, (s is not None for s in scales)) if scales else None
     lib.banded_merge(
         out.numel(), len(sources), _array(ctypes.c_void_p, (s.data_ptr() for s in sources)),
         _array(ctypes.c_int32, (DTYPES[s.dtype] for s in sources)), base.data_ptr(), DTYPES[base.dtype],
-        deltas.data_ptr() if deltas is not None else None,
+        deltas.data_ptr() if deltas is not None else None, factors, scaled,
         _array(_Band, (_band(b) for b in bands)), _array(ctypes.c_float, weights.tolist()), consensus, normalize,
         float(divisor), scale != 1.0, scale, out.data_ptr(), DTYPES[out.dtype], torch.get_num_threads(),
     )
+    return True
+
+
+def source_delta(source: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, magnitudes: torch.Tensor | None) -> bool:
+    """delta = float32(source) - float32(base) (torch's copy_ then sub_), and |delta| into `magnitudes`
+    where given, in one pass. False where it does not apply."""
+    others = [delta, *([magnitudes] if magnitudes is not None else [])]
+    lib = _applies(source, base, *others)
+    if lib is None or any(t.dtype != torch.float32 for t in others) or any(t.numel() != delta.numel() for t in (source, base, *others)):
+        return False
+    lib.source_delta(delta.numel(), source.data_ptr(), DTYPES[source.dtype], base.data_ptr(), DTYPES[base.dtype],
+                     delta.data_ptr(), magnitudes.data_ptr() if magnitudes is not None else None, torch.get_num_threads())
     return True
 
 
@@ -294,15 +318,53 @@ class DeltaKeys:
         return position
 
 
+def uniform_draws(seed: int, out: torch.Tensor) -> bool:
+    """Fill `out` (float32, contiguous, CPU) with torch.rand's values for a generator given
+    manual_seed(seed), in the same order (fused.c). False where it does not apply."""
+    lib = _applies(out)
+    if lib is None or out.dtype != torch.float32:
+        return False
+    lib.uniform_draws(seed, out.numel(), out.data_ptr())
+    return True
+
+
 def row_ramp(rows: torch.Tensor, ramp: torch.Tensor, threads: int | None = None) -> torch.Tensor | None:
     """DELLA's keep probabilities: for each entry of the float32 matrix `rows`, ramp[its rank], its
     rank being its place in a stable ascending sort of its row's magnitudes (fused.c's radix sort)."""
-    lib = _applies(rows, ramp)
-    if (lib is None or rows.dtype != torch.float32 or ramp.dtype != torch.float32 or rows.dim() != 2
-            or ramp.numel() != rows.shape[1] or rows.shape[1] >= 1 << 32):  # columns are tagged in 32 bits
+    lib = _ramp_applies(rows, ramp)
+    if lib is None:
         return None
     prob = torch.empty_like(rows)
-    if lib.row_ramp(rows.shape[0], rows.shape[1], rows.data_ptr(), ramp.data_ptr(), prob.data_ptr(),
+    if lib.row_ramp(rows.shape[0], rows.shape[1], rows.data_ptr(), ramp.data_ptr(), prob.data_ptr(), None, 0, 1.0, None,
                     threads or torch.get_num_threads()) != 0:
         return None  # no memory for a row's sort: torch's path (which needs more) will say so
     return prob
+
+
+def _ramp_applies(rows: torch.Tensor, ramp: torch.Tensor, *others: torch.Tensor) -> ctypes.CDLL | None:
+    lib = _applies(rows, ramp, *others)
+    if (lib is None or any(t.dtype != torch.float32 for t in (rows, ramp, *others)) or rows.dim() != 2
+            or ramp.numel() != rows.shape[1] or rows.shape[1] >= 1 << 32  # columns are tagged in 32 bits
+            or any(t.numel() != rows.numel() for t in others)):
+        return None
+    return lib
+
+
+def keep_drawn(delta: torch.Tensor, draws: torch.Tensor, threshold: float | torch.Tensor, *, divisor: float | None,
+               magnitudes: torch.Tensor | None) -> bool:
+    """A random keep mask applied to a float32 delta in place, as task_arithmetic.rescale_masked does in
+    torch: delta *= (draws < p) [then /= divisor], and |delta| into `magnitudes` where given. p is
+    `threshold` (DARE), or, given a ramp tensor for `threshold` and `delta` as rows, DELLA's
+    ramp[the entry's rank in its row] (row_ramp's sort). False where the compiled pass does not apply."""
+    others = [draws, *([magnitudes] if magnitudes is not None else [])]
+    lib = (_ramp_applies(delta, threshold, *others) if isinstance(threshold, torch.Tensor)
+           else _applies(delta, *others))
+    if lib is None or any(t.dtype != torch.float32 or t.numel() != delta.numel() for t in (delta, *others)):
+        return False
+    flags = (divisor is not None, divisor or 1.0, magnitudes.data_ptr() if magnitudes is not None else None,
+             torch.get_num_threads())
+    if isinstance(threshold, torch.Tensor):
+        return lib.row_ramp(delta.shape[0], delta.shape[1], delta.data_ptr(), threshold.data_ptr(), None,
+                            draws.data_ptr(), *flags) == 0  # no memory for the sort: torch's path, delta unchanged
+    lib.keep_drawn(delta.numel(), delta.data_ptr(), draws.data_ptr(), threshold, *flags)
+    return True

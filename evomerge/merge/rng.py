@@ -14,9 +14,11 @@ import hashlib
 
 import torch
 
+from evomerge.merge import native
+
 
 class TensorRNG:
-    """Bernoulli masks for one tensor, deterministic from (seed, tensor name, stream)."""
+    """Uniform draws for one tensor's masks, deterministic from (seed, tensor name, stream)."""
 
     def __init__(self, seed: int, tensor_name: str, stream: int = 0):
         self.seed, self.tensor_name = int(seed), tensor_name
@@ -27,15 +29,17 @@ class TensorRNG:
         """An independent stream for the same tensor, e.g. one per source model's mask."""
         return TensorRNG(self.seed, self.tensor_name, index)
 
-    def keep_mask(self, prob: torch.Tensor | float, shape: torch.Size, device: torch.device | str) -> torch.Tensor:
-        """Bool mask of `shape`, each entry True with probability `prob` (a float or a broadcastable tensor)."""
-        return self.uniform(shape, device) < prob
-
-    def uniform(self, shape: torch.Size, device: torch.device | str) -> torch.Tensor:
-        """The draws keep_mask compares with its probabilities: uniform in [0, 1), float32."""
-        generator = torch.Generator(device=device)
+    def uniform(self, shape: torch.Size, device: torch.device | str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The draws a mask compares with its keep probabilities: uniform in [0, 1), float32 (into
+        `out`, contiguous, where given). On a CPU the compiled generator (fused.c) gives torch's
+        values for this seed, ~20x faster."""
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32, device=device)
+        if native.uniform_draws(self.key, out):
+            return out
+        generator = torch.Generator(device=out.device)
         generator.manual_seed(self.key)
-        return torch.rand(shape, generator=generator, device=device)
+        return torch.rand(out.shape, generator=generator, dtype=torch.float32, device=out.device, out=out)
 
 
 def tensor_generator(seed: int, tensor_name: str) -> TensorRNG:

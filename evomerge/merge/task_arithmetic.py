@@ -11,7 +11,7 @@ so it runs chunk by chunk straight into the output tensor, or on a CPU as one co
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -19,29 +19,60 @@ from evomerge.errors import EvomergeError
 from evomerge.merge import native
 from evomerge.merge.registry import chunk_elements, compute_dtype, elementwise_chunk
 from evomerge.merge.rng import TensorRNG
+from evomerge.merge.scratch import scratch
 from evomerge.merge.trim import Band, ChunkedKeys, magnitude_keys, order_statistics, streamed_statistics
 
-# sparsifier(delta, params_of_this_source, rng) -> mask (bool or float, same shape) or None for "keep all"
-Sparsifier = Callable[[torch.Tensor, dict[str, float], TensorRNG | None], torch.Tensor | None]
+
+class DrawnMask(NamedTuple):
+    """A random keep mask not yet formed (DARE, DELLA): entry j is kept where draws[j] is below its
+    keep probability, `probability` itself (DARE) or, for DELLA, a della.RankRamp's value at the
+    entry's magnitude rank in its row. On a CPU one compiled pass applies it (native.keep_drawn);
+    elsewhere it is formed as torch's bool mask. The same bits either way."""
+    draws: torch.Tensor
+    probability: Any  # float, or della.RankRamp
+
+    def mask(self, delta: torch.Tensor) -> torch.Tensor:
+        p = self.probability
+        return self.draws < (p if isinstance(p, float) else p.probabilities(delta))
+
+    def apply_compiled(self, delta: torch.Tensor, divisor: float | None, magnitudes: torch.Tensor | None) -> bool:
+        p = self.probability
+        target, threshold = (delta, p) if isinstance(p, float) else (p.rows(delta), p.ramp(delta))
+        return native.keep_drawn(target, self.draws, threshold, divisor=divisor, magnitudes=magnitudes)
+
+
+# sparsifier(delta, params_of_this_source, rng) -> mask (bool or float, same shape, or a DrawnMask) or None for "keep all"
+Sparsifier = Callable[[torch.Tensor, dict[str, float], TensorRNG | None], torch.Tensor | DrawnMask | None]
 
 RESCALE_MODES = ("l1", "inverse_density")
 
 
-def rescale_masked(delta: torch.Tensor, mask: torch.Tensor, density: float, mode: str | None) -> torch.Tensor:
-    """Apply the mask to `delta`, in place; with `l1` (mergekit's rescale) restore the L1 norm the
-    delta had, with `inverse_density` (the DARE paper's) divide the kept entries by the density.
-    A bool mask is made a 0/1 tensor of delta's dtype first: multiplying by a bool tensor goes
-    through a per-element cast, 2-3x slower (measured), for the same bits."""
-    before = delta.abs().sum() if mode == "l1" else None
-    delta.mul_(mask.to(delta.dtype))
-    if mode == "inverse_density":
-        return delta.div_(density)
-    if mode is None:
-        return delta
-    after = delta.abs().sum()
+def rescale_masked(delta: torch.Tensor, mask: torch.Tensor | DrawnMask, density: float, mode: str | None,
+                   magnitudes: torch.Tensor | None = None, measured: bool = False) -> torch.Tensor | None:
+    """Apply the mask to `delta`, in place; with `inverse_density` (the DARE paper's) divide the kept
+    entries by the density; with `l1` (mergekit's rescale) return the factor, a 0-dim tensor, that
+    restores the L1 norm the delta had (None: no factor), for the caller to multiply by (the
+    compiled merge does it in its own pass). A bool mask is made a 0/1 tensor of delta's dtype
+    first: multiplying by a bool tensor goes through a per-element cast, 2-3x slower (measured),
+    for the same bits. `magnitudes`: scratch like delta for |delta| (the L1 sums), reusable across
+    sources; `measured`: it holds |delta| already."""
+    if mode == "l1" and magnitudes is None:
+        magnitudes = torch.empty_like(delta)
+    before = (magnitudes if measured else torch.abs(delta, out=magnitudes)).sum() if mode == "l1" else None
+    divisor = density if mode == "inverse_density" else None
+    l1 = magnitudes if mode == "l1" else None
+    if not (isinstance(mask, DrawnMask) and mask.apply_compiled(delta, divisor, l1)):
+        delta.mul_((mask.mask(delta) if isinstance(mask, DrawnMask) else mask).to(delta.dtype))
+        if divisor is not None:
+            delta.div_(divisor)
+        if l1 is not None:
+            torch.abs(delta, out=l1)
+    if mode != "l1":
+        return None
+    after = magnitudes.sum()
     if before < 1e-7 or after < 1e-7:
-        return delta
-    return delta.mul_(before / after)
+        return None
+    return before / after
 
 
 def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
@@ -65,15 +96,23 @@ def consensus_sum(deltas: torch.Tensor, weights: torch.Tensor, normalize: bool) 
     return mixed
 
 
-def _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) -> torch.Tensor:
-    deltas = torch.empty((len(sources), *base.shape), dtype=dtype, device=base.device)
-    base_c = base.to(dtype)
+def _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype):
+    """Each source's delta, sparsified, in scratch memory (merge/scratch.py), and its L1 rescale
+    factor (None: none; see rescale_masked)."""
+    deltas = scratch("deltas", (len(sources), *base.shape), dtype, base.device)
+    magnitudes = scratch("magnitudes", base.shape, dtype, base.device) if rescale_mode == "l1" else None
+    base_c, scales = None, []
     for i, (source, p) in enumerate(zip(sources, params)):
-        delta = deltas[i].copy_(source).sub_(base_c)
+        delta = deltas[i]
+        measured = native.source_delta(source, base, delta, magnitudes)  # the next two lines in one pass
+        if not measured:
+            if base_c is None:
+                base_c = base if base.dtype == dtype else scratch("base", base.shape, dtype, base.device).copy_(base)
+            delta.copy_(source).sub_(base_c)
         mask = sparsifier(delta, p, rng.stream(i) if rng is not None else None)
-        if mask is not None:
-            rescale_masked(delta, mask, p["density"], rescale_mode)
-    return deltas
+        scales.append(None if mask is None else
+                      rescale_masked(delta, mask, p["density"], rescale_mode, magnitudes, measured and magnitudes is not None))
+    return deltas, scales
 
 
 def _trim_bands(base, sources, params, trim_of, dtype, size) -> list[Band | None]:
@@ -125,7 +164,8 @@ def generalized_task_arithmetic(
     sparse = sparsifier is not None and any(p.get("density", 1.0) < 1 for p in params)
     trim_of = getattr(sparsifier, "trim_of", None)
     banded = sparse and trim_of is not None and rescale_mode is None  # trims by rank, chunk by chunk
-    deltas = _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) if sparse and not banded else None
+    deltas, scales = (_sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype) if sparse and not banded
+                      else (None, None))
     n, numel = len(sources), base.numel()
     flat_out, flat_base, flat_sources = out.view(-1), base.reshape(-1), [s.reshape(-1) for s in sources]
     rows = deltas.view(n, -1) if deltas is not None else None
@@ -139,8 +179,11 @@ def generalized_task_arithmetic(
     size = max(1, min(elementwise_chunk(base.device.type) if running else chunk_elements(base.device), numel))
     bands = _trim_bands(base, sources, params, trim_of, dtype, size) if banded else [None] * n
     if native.banded_merge(sources, base, bands, weights, out, consensus=consensus, normalize=options["normalize"],
-                           divisor=divisor, scale=options["lambda"], deltas=rows):
+                           divisor=divisor, scale=options["lambda"], deltas=rows, scales=scales):
         return out  # the same arithmetic in one compiled pass
+    for row, factor in zip(rows if rows is not None else (), scales or ()):
+        if factor is not None:
+            row.mul_(factor)
     base_buf, acc = (torch.empty(size, dtype=dtype, device=base.device) for _ in range(2))
     delta_buf = torch.empty((1 if running else n, size), dtype=dtype, device=base.device) if rows is None else None
 
