@@ -157,12 +157,65 @@ RANDOM_PARAMS["dare_linear"], RANDOM_PARAMS["della_linear"] = RANDOM_PARAMS["dar
 @pytest.mark.parametrize("options", [{}, {"normalize": True, "lambda": 0.7}, {"rescale": False},
                                      {"rescale": True, "rescale_mode": "inverse_density"}])
 def test_random_merges_give_torchs_bits(kernel, monkeypatch, method, n, options):
-    """DARE's and DELLA's masked deltas combined by the compiled pass (DELLA's ranks by its radix sort)."""
+    """DARE's and DELLA's masked deltas combined by the compiled pass (DELLA's keep decisions from its
+    bucket bounds, a few exact ranks and, for rows with many undecided entries, its radix sort)."""
     base, *sources = tensors(n + 1, 64 * 1031, torch.bfloat16, seed=30 + n)
     base, sources = base.view(64, 1031), [s.view(64, 1031) for s in sources]
     for out_dtype in (None, torch.bfloat16):
         fused, reference = both_ways(monkeypatch, method, base, sources, RANDOM_PARAMS[method][:n], options, out_dtype)
         same_bits(fused, reference)
+
+
+@pytest.mark.parametrize("case", ["tie-heavy", "all-equal", "one-row", "falling-ramp", "flat-ramp", "float32-wide"])
+def test_della_decisions_give_torchs_bits_where_ranks_are_hard(kernel, monkeypatch, case):
+    """DELLA decides most entries from their bucket's rank bounds; rows with many equal magnitudes
+    (more undecided entries than the compiled pass ranks one by one: it sorts the row), a whole
+    1-D tensor as one row, a ramp that falls (negative epsilon: the bounds do not hold, the row is
+    sorted) or is flat, and float32 sources whose keys differ in all their bits give torch's bits."""
+    params = [{"weight": 0.7, "density": 0.5, "epsilon": 0.3}, {"weight": 0.4, "density": 0.6, "epsilon": 0.2}]
+    if case == "tie-heavy":
+        base, *sources = [t.view(40, 1500) for t in tie_heavy(2, 60000, seed=3)]
+    elif case == "all-equal":
+        base = torch.zeros(30, 700, dtype=torch.bfloat16)
+        sources = [torch.full((30, 700), 0.5, dtype=torch.bfloat16), torch.full((30, 700), -0.25, dtype=torch.bfloat16)]
+    elif case == "one-row":
+        base, *sources = tensors(3, 90001, torch.bfloat16, seed=4)
+    elif case == "float32-wide":
+        base, *sources = [t.view(50, 997) for t in tensors(3, 50 * 997, torch.float32, seed=5)]
+    else:
+        base, *sources = [t.view(64, 1031) for t in tensors(3, 64 * 1031, torch.bfloat16, seed=6)]
+        epsilon = {"falling-ramp": -0.2, "flat-ramp": 0.0}[case]
+        params = [{**p, "epsilon": epsilon} for p in params]
+    for options in ({}, {"rescale": False}):
+        fused, reference = both_ways(monkeypatch, "della", base, sources, params, options, torch.bfloat16)
+        same_bits(fused, reference)
+
+
+@pytest.mark.parametrize("seed", [0, 5489, 2**32 - 1, 2**32 + 7, 0x7E57_1234_5678_9ABC])
+def test_the_compiled_draws_are_torchs(kernel, seed):
+    """torch.rand's float32 values on the CPU for a generator seeded with manual_seed(seed), across
+    the generator's 624-word refills, seeds above 32 bits included."""
+    for n in (0, 1, 623, 624, 625, 1249, 100_003):
+        expected = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        ours = torch.empty(n)
+        assert native.uniform_draws(seed, ours)
+        assert torch.equal(ours, expected), n
+    assert not native.uniform_draws(seed, torch.empty(10, dtype=torch.float64))
+    assert not native.uniform_draws(seed, torch.empty(10, 2)[:, 0])  # not contiguous
+
+
+def test_merges_after_larger_ones_reuse_scratch_and_give_the_same_bits(kernel):
+    """DARE's and DELLA's scratch buffers outlive a tensor (merge/scratch.py): a small merge after a
+    large one, and the same merge again, give what they give in a fresh process's first merge."""
+    small = [t.view(16, 500) for t in tensors(3, 8000, torch.bfloat16, seed=7)]
+    large = [t.view(64, 2000) for t in tensors(3, 128000, torch.bfloat16, seed=8)]
+    for method in ("della", "dare_ties"):
+        params = RANDOM_PARAMS[method][:2]
+        rng = lambda: TensorRNG(1, "w")  # noqa: E731
+        first = merge_tensor(method, small[0], small[1:], params, {}, rng())
+        merge_tensor(method, large[0], large[1:], params, {}, rng())
+        again = merge_tensor(method, small[0], small[1:], params, {}, rng())
+        same_bits(first, again)
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs", "della", "dare_ties"])

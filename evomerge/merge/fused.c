@@ -495,60 +495,140 @@ struct ramp_job {
     float *delta, *prob, *magnitude;
     const float *ramp, *draws;
     float divisor;
-    int32_t divide;
+    int32_t divide, rising; /* rising: the ramp never falls (epsilon >= 0), as row_thresholds needs */
     uint64_t *items; /* 2 x cols: key << 32 | column */
-    int64_t *at;     /* each digit's next place */
+    uint32_t *hist;  /* every digit's histogram, then its next places */
     float *row;      /* cols: one row's probabilities, with draws */
 };
 
-static void *ramp_run(void *arg) {
-    struct ramp_job *q = arg;
-    int64_t cols = q->cols, *at = q->at;
-    uint64_t *items = q->items;
-    int max_width = 4;
-    while (max_width < RADIX_BITS && ((int64_t)4 << max_width) < cols) max_width++;
-    for (int64_t row = q->first_row; row < q->last_row; row++) {
-        const float *d = q->delta + row * cols;
-        uint64_t *a = items, *t = items + cols;
-        uint32_t differ = 0, first;
-        memcpy(&first, d, sizeof first);
-        first &= 0x7FFFFFFFu;
-        for (int64_t c = 0; c < cols; c++) {
-            uint32_t u;
-            memcpy(&u, d + c, sizeof u);
-            u &= 0x7FFFFFFFu;
-            differ |= u ^ first;
-            a[c] = (uint64_t)u << 32 | (uint64_t)c;
+/* The columns of one row in a stable ascending order of their keys |d| (ties by column), into
+   `items` (2 x cols uint64 of room), returned as uint32 column numbers. Only the bits where the
+   row's keys differ are sorted, low digit first, with every digit's histogram counted in one read;
+   where those bits and the column's fit in 32 (most rows of a bf16 model's delta: ~17-22 bits and
+   10-11), the items are (bits << column bits | column) in 32 bits, else (key << 32 | column). */
+static uint32_t *row_sort(const float *d, int64_t cols, uint64_t *items, uint32_t *hist, int max_width) {
+    uint32_t differ = 0, first;
+    memcpy(&first, d, sizeof first);
+    first &= 0x7FFFFFFFu;
+    for (int64_t c = 0; c < cols; c++) {
+        uint32_t u;
+        memcpy(&u, d + c, sizeof u);
+        differ |= (u & 0x7FFFFFFFu) ^ first;
+    }
+    int low = differ ? __builtin_ctz(differ) : 0, bits = differ ? 32 - __builtin_clz(differ) - low : 0;
+    int colbits = cols > 1 ? 64 - __builtin_clzll((uint64_t)(cols - 1)) : 0;
+    int narrow = bits + colbits <= 32;
+    /* digits whose histogram is about a quarter of the row at most (wider digits mean fewer passes,
+       but each pass sums its histogram: on a 768-entry row, 2048 bins cost more than a pass) */
+    int digits = (bits + max_width - 1) / max_width, width = digits ? (bits + digits - 1) / digits : 0;
+    uint32_t bins = (uint32_t)1 << width, kmask = bits == 32 ? 0xFFFFFFFFu : ((uint32_t)1 << bits) - 1;
+    memset(hist, 0, (size_t)digits * bins * sizeof *hist);
+    uint32_t *n32 = (uint32_t *)items, *t32 = n32 + cols; /* narrow: cols + cols uint32 */
+    uint64_t *a = items, *t = items + cols;
+    int base_shift = narrow ? colbits : 32;
+    for (int64_t c = 0; c < cols; c++) {
+        uint32_t u;
+        memcpy(&u, d + c, sizeof u);
+        uint32_t key = ((u & 0x7FFFFFFFu) >> low) & kmask;
+        if (narrow) n32[c] = key << colbits | (uint32_t)c;
+        else a[c] = (uint64_t)key << 32 | (uint64_t)c;
+        for (int pass = 0; pass < digits; pass++) hist[pass * bins + ((key >> (pass * width)) & (bins - 1))]++;
+    }
+    for (int pass = 0; pass < digits; pass++) {
+        uint32_t *at = hist + pass * bins, sum = 0;
+        for (uint32_t digit = 0; digit < bins; digit++) {
+            uint32_t n = at[digit];
+            at[digit] = sum;
+            sum += n;
         }
-        /* sort on the bits where keys differ only, low digit first, in digits whose histogram is
-           about a quarter of the row (wider digits mean fewer passes, but each pass clears and
-           sums its histogram: on a 768-entry row, 2048 bins cost more than a third pass) */
-        int low = differ ? __builtin_ctz(differ) : 32, high = differ ? 32 - __builtin_clz(differ) : 32;
-        int digits = (high - low + max_width - 1) / max_width, width = digits ? (high - low + digits - 1) / digits : 0;
-        for (int pass = 0; pass < digits; pass++) {
-            int shift = 32 + low + pass * width;
-            uint64_t mask = ((uint64_t)1 << width) - 1;
-            memset(at, 0, ((size_t)mask + 1) * sizeof *at);
-            for (int64_t c = 0; c < cols; c++) at[(a[c] >> shift) & mask]++;
-            int64_t sum = 0;
-            for (uint64_t digit = 0; digit <= mask; digit++) {
-                int64_t n = at[digit];
-                at[digit] = sum;
-                sum += n;
-            }
-            for (int64_t c = 0; c < cols; c++) t[at[(a[c] >> shift) & mask]++] = a[c];
+        int shift = base_shift + pass * width;
+        if (narrow) {
+            for (int64_t c = 0; c < cols; c++) t32[at[(n32[c] >> shift) & (bins - 1)]++] = n32[c];
+            uint32_t *swap = n32; n32 = t32; t32 = swap;
+        } else {
+            for (int64_t c = 0; c < cols; c++) t[at[(a[c] >> shift) & (bins - 1)]++] = a[c];
             uint64_t *swap = a; a = t; t = swap;
         }
+    }
+    uint32_t *order = (uint32_t *)(narrow ? (void *)n32 : (void *)a);
+    if (narrow) {
+        uint32_t colmask = colbits ? (uint32_t)(((uint64_t)1 << colbits) - 1) : 0;
+        for (int64_t r = 0; r < cols; r++) order[r] = n32[r] & colmask;
+    } else {
+        for (int64_t r = 0; r < cols; r++) order[r] = (uint32_t)a[r]; /* item r is read before slot r is written */
+    }
+    return order;
+}
+
+/* With the draws, most entries need no rank: the ramp rises with the rank, so an entry whose rank
+   lies in [lo, hi] is kept if its draw is below ramp[lo] and dropped if it is at least ramp[hi].
+   One histogram of the keys' top differing bits gives every entry such a range (the entries of
+   lower buckets below it, those of its own bucket beside it); only an entry whose draw falls
+   between ramp[lo] and ramp[hi] (~0.3% of a bf16 delta's row of 768 at epsilon 0.15) gets its
+   exact rank, by counting the keys below its own (ties by column). Fills p with a threshold per
+   entry that gives the same comparison as ramp[rank] (2: kept whatever the draw, 0: dropped) and
+   returns 1; returns 0, p unfinished, where more than UNDECIDED_MOST entries are left (many equal
+   magnitudes): the caller sorts the row instead. */
+#define UNDECIDED_MOST 64
+
+static int row_thresholds(const float *d, const float *u, const float *ramp, int64_t cols, uint32_t *keys,
+                          uint32_t *undecided, uint32_t *hist, int max_width, float *p) {
+    uint32_t differ = 0, first;
+    memcpy(&first, d, sizeof first);
+    first &= 0x7FFFFFFFu;
+    for (int64_t c = 0; c < cols; c++) {
+        uint32_t k;
+        memcpy(&k, d + c, sizeof k);
+        keys[c] = k & 0x7FFFFFFFu;
+        differ |= keys[c] ^ first;
+    }
+    int high = differ ? 32 - __builtin_clz(differ) : 0, width = high < max_width ? high : max_width, shift = high - width;
+    uint32_t bins = (uint32_t)1 << width;
+    memset(hist, 0, ((size_t)bins + 1) * sizeof *hist);
+    for (int64_t c = 0; c < cols; c++) hist[((keys[c] >> shift) & (bins - 1)) + 1]++;
+    for (uint32_t b = 1; b <= bins; b++) hist[b] += hist[b - 1]; /* bucket b holds ranks hist[b] .. hist[b+1]-1 */
+    for (int64_t c = 0; c < cols; c++) { /* -1: undecided */
+        uint32_t b = (keys[c] >> shift) & (bins - 1);
+        float below = ramp[hist[b]], top = ramp[hist[b + 1] - 1];
+        int keep = u[c] < below, open = !keep & (u[c] < top); /* no branch on a coin flip */
+        p[c] = (float)(2 * keep - open);
+    }
+    int64_t n = 0;
+    for (int64_t c = 0; c < cols; c++)
+        if (p[c] < 0.0f) {
+            if (n == UNDECIDED_MOST) return 0;
+            undecided[n++] = (uint32_t)c;
+        }
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t c = undecided[i], k = keys[c], rank = 0;
+        for (uint32_t j = 0; j < c; j++) rank += keys[j] <= k;
+        for (int64_t j = c + 1; j < cols; j++) rank += keys[j] < k;
+        p[c] = ramp[rank];
+    }
+    return 1;
+}
+
+static void *ramp_run(void *arg) {
+    struct ramp_job *q = arg;
+    int64_t cols = q->cols;
+    int max_width = 4;
+    while (max_width < RADIX_BITS && ((int64_t)1 << max_width) < cols) max_width++;
+    for (int64_t row = q->first_row; row < q->last_row; row++) {
+        float *dd = q->delta + row * cols;
         if (q->draws) {
-            float *dd = q->delta + row * cols, *m = q->magnitude ? q->magnitude + row * cols : NULL;
+            float *m = q->magnitude ? q->magnitude + row * cols : NULL, *p = q->row;
             const float *u = q->draws + row * cols;
-            float *p = q->row; /* the row's probabilities, scattered in cache, then read in order */
-            for (int64_t r = 0; r < cols; r++) p[(uint32_t)a[r]] = q->ramp[r];
+            uint32_t *keys = (uint32_t *)q->items;
+            if (!q->rising || !row_thresholds(dd, u, q->ramp, cols, keys, keys + cols, q->hist, max_width, p)) {
+                uint32_t *order = row_sort(dd, cols, q->items, q->hist, max_width);
+                for (int64_t r = 0; r < cols; r++) p[order[r]] = q->ramp[r]; /* scattered in cache, read in order */
+            }
             for (int64_t c = 0; c < cols; c++) dd[c] = kept(dd[c], u[c], p[c]);
             keep_finish(dd, cols, q->divide, q->divisor, m);
         } else {
+            uint32_t *order = row_sort(dd, cols, q->items, q->hist, max_width);
             float *p = q->prob + row * cols;
-            for (int64_t r = 0; r < cols; r++) p[(uint32_t)a[r]] = q->ramp[r];
+            for (int64_t r = 0; r < cols; r++) p[order[r]] = q->ramp[r];
         }
     }
     return NULL;
@@ -568,15 +648,16 @@ int32_t row_ramp(int64_t rows, int64_t cols, float *delta, const float *ramp, fl
     if (threads > rows) threads = (int32_t)rows;
     if (threads < 1) threads = 1;
     struct ramp_job jobs[MAX_THREADS];
-    int failed = 0;
+    int failed = 0, rising = 1;
+    for (int64_t r = 1; r < cols; r++) rising &= ramp[r - 1] <= ramp[r];
     for (int32_t t = 0; t < threads; t++) { /* all memory first: a failure changes nothing */
         jobs[t] = (struct ramp_job){cols, rows * t / threads, rows * (t + 1) / threads, delta, prob, magnitude, ramp, draws,
-                                    divisor, divide, malloc(2 * (size_t)cols * sizeof(uint64_t)),
-                                    malloc(((size_t)1 << RADIX_BITS) * sizeof(int64_t)), malloc((size_t)cols * sizeof(float))};
-        failed |= !jobs[t].items || !jobs[t].at || !jobs[t].row;
+                                    divisor, divide, rising, malloc(2 * (size_t)cols * sizeof(uint64_t)),
+                                    malloc(((size_t)32 << RADIX_BITS) * sizeof(uint32_t)), malloc((size_t)cols * sizeof(float))};
+        failed |= !jobs[t].items || !jobs[t].hist || !jobs[t].row;
     }
     if (!failed) run_parallel(ramp_run, jobs, sizeof jobs[0], threads);
-    for (int32_t t = 0; t < threads; t++) free(jobs[t].items), free(jobs[t].at), free(jobs[t].row);
+    for (int32_t t = 0; t < threads; t++) free(jobs[t].items), free(jobs[t].hist), free(jobs[t].row);
     return failed ? -1 : 0;
 }
 
