@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -146,3 +148,26 @@ def test_a_routing_search_over_an_unroutable_layout_is_refused_when_the_config_i
     line = one_line_error(capfd, ["run", str(config), "--quiet"])
     assert "routes layers" in line and "(gpt2): unsupported architecture for layer routing" in line
     assert not (tmp_path / "t.db").exists()
+
+
+TRUNCATED_UNDER_A_LOADED_SOURCE = """import sys, torch
+from pathlib import Path
+from evomerge.models import load_source
+path = Path(sys.argv[1])
+source = load_source(str(path), torch.device("cpu"))
+before = sum(float(t.double().sum()) for t in source.tensors.values())
+(path / "model.safetensors").write_bytes(b"")  # a fine-tune saved over it, a re-download begun
+after = sum(float(t.double().sum()) for t in source.tensors.values())
+print(before == after)"""
+
+
+def test_a_checkpoint_rewritten_under_a_loaded_source_leaves_its_tensors_whole(zoo, tmp_path):
+    """Resident CPU sources live in the process's own memory, not in a map of the file: a search that
+    runs for days survives its checkpoint being overwritten (a mapped tensor would die of SIGBUS
+    at its next read, hence the subprocess)."""
+    model = tmp_path / "expert"
+    shutil.copytree(zoo / "expert_rev", model)
+    done = subprocess.run([sys.executable, "-c", TRUNCATED_UNDER_A_LOADED_SOURCE, str(model)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"
