@@ -242,6 +242,12 @@ def test_the_kernels_decline_what_they_cannot_take(kernel):
     assert not native.banded_merge([x, x], x, [None] * 2, w[:2], out, consensus=False, normalize=False,
                                    divisor=torch.tensor(1.0), scale=1.0, deltas=torch.zeros(2, 999))
     assert torch.count_nonzero(out) == 0
+    draws = torch.rand(1000)
+    assert not native.keep_drawn(x.double(), draws.double(), 0.5, divisor=None, magnitudes=None)
+    assert not native.keep_drawn(x, draws[:999], 0.5, divisor=None, magnitudes=None)
+    assert not native.keep_drawn(x.view(10, 100), draws, torch.zeros(99), divisor=None, magnitudes=None)  # ramp != row
+    assert not native.source_delta(x, x[:999], torch.empty(1000), None)
+    assert not native.source_delta(x, x, torch.empty(1000, dtype=torch.float64), None)
     merged = merge_tensor("ties", x, [x + 1] * 5, [{"weight": 0.2, "density": 0.5}] * 5, {})
     assert merged.shape == x.shape
 
