@@ -499,24 +499,32 @@ struct ramp_job {
     float divisor;
     int32_t divide, rising; /* rising: the ramp never falls (epsilon >= 0), as row_thresholds needs */
     uint64_t *items; /* 2 x cols: key << 32 | column */
+    uint32_t *keys;  /* 2 x cols: the row's keys, then its undecided columns */
     uint32_t *hist;  /* every digit's histogram, then its next places */
     float *row;      /* cols: one row's probabilities, with draws */
 };
 
-/* The columns of one row in a stable ascending order of their keys |d| (ties by column), into
+/* The columns of one row in a stable ascending order of their keys (row_keys; ties by column), into
    `items` (2 x cols uint64 of room), returned as uint32 column numbers. Only the bits where the
    row's keys differ are sorted, low digit first, with every digit's histogram counted in one read;
    where those bits and the column's fit in 32 (most rows of a bf16 model's delta: ~17-22 bits and
    10-11), the items are (bits << column bits | column) in 32 bits, else (key << 32 | column). */
-static uint32_t *row_sort(const float *d, int64_t cols, uint64_t *items, uint32_t *hist, int max_width) {
+static uint32_t row_keys(const float *d, int64_t cols, uint32_t *keys) {
+    /* keys[c] = the bits of |d[c]|; returns the bits where they differ */
     uint32_t differ = 0, first;
     memcpy(&first, d, sizeof first);
     first &= 0x7FFFFFFFu;
     for (int64_t c = 0; c < cols; c++) {
-        uint32_t u;
-        memcpy(&u, d + c, sizeof u);
-        differ |= (u & 0x7FFFFFFFu) ^ first;
+        uint32_t k;
+        memcpy(&k, d + c, sizeof k);
+        keys[c] = k & 0x7FFFFFFFu;
+        differ |= keys[c] ^ first;
     }
+    return differ;
+}
+
+static uint32_t *row_sort(const uint32_t *keys, uint32_t differ, int64_t cols, uint64_t *items, uint32_t *hist,
+                          int max_width) {
     int low = differ ? __builtin_ctz(differ) : 0, bits = differ ? 32 - __builtin_clz(differ) - low : 0;
     int colbits = cols > 1 ? 64 - __builtin_clzll((uint64_t)(cols - 1)) : 0;
     int narrow = bits + colbits <= 32;
@@ -529,9 +537,7 @@ static uint32_t *row_sort(const float *d, int64_t cols, uint64_t *items, uint32_
     uint64_t *a = items, *t = items + cols;
     int base_shift = narrow ? colbits : 32;
     for (int64_t c = 0; c < cols; c++) {
-        uint32_t u;
-        memcpy(&u, d + c, sizeof u);
-        uint32_t key = ((u & 0x7FFFFFFFu) >> low) & kmask;
+        uint32_t key = (keys[c] >> low) & kmask;
         if (narrow) n32[c] = key << colbits | (uint32_t)c;
         else a[c] = (uint64_t)key << 32 | (uint64_t)c;
         for (int pass = 0; pass < digits; pass++) hist[pass * bins + ((key >> (pass * width)) & (bins - 1))]++;
@@ -573,17 +579,8 @@ static uint32_t *row_sort(const float *d, int64_t cols, uint64_t *items, uint32_
    magnitudes): the caller sorts the row instead. */
 #define UNDECIDED_MOST 64
 
-static int row_thresholds(const float *d, const float *u, const float *ramp, int64_t cols, uint32_t *keys,
+static int row_thresholds(const uint32_t *keys, uint32_t differ, const float *u, const float *ramp, int64_t cols,
                           uint32_t *undecided, uint32_t *hist, int max_width, float *p) {
-    uint32_t differ = 0, first;
-    memcpy(&first, d, sizeof first);
-    first &= 0x7FFFFFFFu;
-    for (int64_t c = 0; c < cols; c++) {
-        uint32_t k;
-        memcpy(&k, d + c, sizeof k);
-        keys[c] = k & 0x7FFFFFFFu;
-        differ |= keys[c] ^ first;
-    }
     int high = differ ? 32 - __builtin_clz(differ) : 0, width = high < max_width ? high : max_width, shift = high - width;
     uint32_t bins = (uint32_t)1 << width;
     memset(hist, 0, ((size_t)bins + 1) * sizeof *hist);
@@ -616,21 +613,16 @@ static void *ramp_run(void *arg) {
     int max_width = 4;
     while (max_width < RADIX_BITS && ((int64_t)1 << max_width) < cols) max_width++;
     for (int64_t row = q->first_row; row < q->last_row; row++) {
-        float *dd = q->delta + row * cols;
-        if (q->draws) {
-            float *m = q->magnitude ? q->magnitude + row * cols : NULL, *p = q->row;
-            const float *u = q->draws + row * cols;
-            uint32_t *keys = (uint32_t *)q->items;
-            if (!q->rising || !row_thresholds(dd, u, q->ramp, cols, keys, keys + cols, q->hist, max_width, p)) {
-                uint32_t *order = row_sort(dd, cols, q->items, q->hist, max_width);
-                for (int64_t r = 0; r < cols; r++) p[order[r]] = q->ramp[r]; /* scattered in cache, read in order */
-            }
+        float *dd = q->delta + row * cols, *p = q->draws ? q->row : q->prob + row * cols;
+        uint32_t differ = row_keys(dd, cols, q->keys);
+        const float *u = q->draws ? q->draws + row * cols : NULL;
+        if (!u || !q->rising || !row_thresholds(q->keys, differ, u, q->ramp, cols, q->keys + cols, q->hist, max_width, p)) {
+            uint32_t *order = row_sort(q->keys, differ, cols, q->items, q->hist, max_width);
+            for (int64_t r = 0; r < cols; r++) p[order[r]] = q->ramp[r]; /* with draws: scattered in cache, read in order */
+        }
+        if (u) {
             for (int64_t c = 0; c < cols; c++) dd[c] = kept(dd[c], u[c], p[c]);
-            keep_finish(dd, cols, q->divide, q->divisor, m);
-        } else {
-            uint32_t *order = row_sort(dd, cols, q->items, q->hist, max_width);
-            float *p = q->prob + row * cols;
-            for (int64_t r = 0; r < cols; r++) p[order[r]] = q->ramp[r];
+            keep_finish(dd, cols, q->divide, q->divisor, q->magnitude ? q->magnitude + row * cols : NULL);
         }
     }
     return NULL;
@@ -655,11 +647,12 @@ int32_t row_ramp(int64_t rows, int64_t cols, float *delta, const float *ramp, fl
     for (int32_t t = 0; t < threads; t++) { /* all memory first: a failure changes nothing */
         jobs[t] = (struct ramp_job){cols, rows * t / threads, rows * (t + 1) / threads, delta, prob, magnitude, ramp, draws,
                                     divisor, divide, rising, malloc(2 * (size_t)cols * sizeof(uint64_t)),
-                                    malloc(((size_t)32 << RADIX_BITS) * sizeof(uint32_t)), malloc((size_t)cols * sizeof(float))};
-        failed |= !jobs[t].items || !jobs[t].hist || !jobs[t].row;
+                                    malloc(2 * (size_t)cols * sizeof(uint32_t)), malloc(((size_t)32 << RADIX_BITS) * sizeof(uint32_t)),
+                                    malloc((size_t)cols * sizeof(float))};
+        failed |= !jobs[t].items || !jobs[t].keys || !jobs[t].hist || !jobs[t].row;
     }
     if (!failed) run_parallel(ramp_run, jobs, sizeof jobs[0], threads);
-    for (int32_t t = 0; t < threads; t++) free(jobs[t].items), free(jobs[t].hist), free(jobs[t].row);
+    for (int32_t t = 0; t < threads; t++) free(jobs[t].items), free(jobs[t].keys), free(jobs[t].hist), free(jobs[t].row);
     return failed ? -1 : 0;
 }
 
