@@ -7,9 +7,11 @@ position): the ramp's value for each rank is scattered to the entry sorted there
 mergekit's argsort of the argsort sorts twice. On a CPU that sort is
 numpy's of (key << 32 | position): the keys are distinct, so any sort gives the stable order, and
 numpy's vectorized integer sort is ~4x torch's comparison sort of rows (measured, see row_order).
-Where the compiled passes apply (evomerge.merge.native: float32 deltas on the CPU), a stable
-radix sort of each row, on all threads, gives the same ranks, and each entry is compared with its
-draw as its rank is found: the probabilities are never stored (task_arithmetic.DrawnMask)."""
+Where the compiled passes apply (evomerge.merge.native: float32 deltas on the CPU), the mask
+needs few ranks at all: a histogram of each row's magnitudes bounds every entry's rank, and
+only an entry whose draw falls between the ramp at its bounds gets its exact rank (fused.c,
+row_thresholds; rows with many equal magnitudes are radix-sorted). The probabilities are
+never stored (task_arithmetic.DrawnMask); the mask is the same."""
 
 from __future__ import annotations
 

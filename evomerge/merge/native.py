@@ -3,10 +3,11 @@
 torch spends ~5-9 passes over every chunk on linear and task arithmetic (0.14-0.18 of the copy
 floor on a 134M model), and ~15-20 on a trimmed chunk of TIES or breadcrumbs; here one C loop
 reads each source once and writes the output once, with torch's arithmetic step by step, so
-the bits are the same. The library is built on first use with the machine's C compiler (`cc`,
-or $CC) for this CPU and cached under ~/.cache/evomerge (else a private folder in the temp
-dir); with no compiler, or
-EVOMERGE_NATIVE=0, the merges run on torch's kernels (same bits, slower). Each entry point
+the bits are the same. DARE's and DELLA's masks are drawn by a copy of torch's CPU generator
+(the same values) and applied in one pass. The library is built on first use with the
+machine's C compiler (`cc`, or $CC) for this CPU and cached under ~/.cache/evomerge (else a
+private folder in the temp dir); with no compiler, or EVOMERGE_NATIVE=0, the merges run on
+torch's kernels (same bits, slower). Each entry point
 returns False (or None) where it does not apply, for the caller to run torch's kernels: not
 on the CPU, not contiguous, float64, a dtype other than float32/bfloat16/float16.
 """
