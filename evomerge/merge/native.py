@@ -159,7 +159,8 @@ def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
         linear.addcmul_(source.float(), torch.tensor(w, dtype=f32, device=cpu))
         task += (source.float() - base).mul_(torch.tensor(w, dtype=f32, device=cpu))
     task += base
-    ours = [torch.empty(n, dtype=f32, device=cpu), torch.empty(n, dtype=f32, device=cpu)]
+    # NaN-filled, not empty: memory just freed by an earlier check may already hold the right values
+    ours = [torch.full((n,), float("nan"), dtype=f32, device=cpu) for _ in range(2)]
     pointers, dtypes = _array(ctypes.c_void_p, (s.data_ptr() for s in sources)), _array(ctypes.c_int32, [1] * 3)
     floats = _array(ctypes.c_float, weights)
     lib.weighted_sum(n, 3, pointers, dtypes, floats, 0, 1.0, ours[0].data_ptr(), 0, 1)
@@ -167,7 +168,7 @@ def _agrees_with_torch(lib: ctypes.CDLL) -> bool:
                      floats, 0, 0, 1.0, 0, 1.0, ours[1].data_ptr(), 0, 1)
     seed = 0x7E57_0000_0000_0001  # high bits set: torch seeds MT19937 with the low 32
     draws = torch.rand(1500, generator=torch.Generator(device=cpu).manual_seed(seed), dtype=f32, device=cpu)
-    ours.append(torch.empty(1500, dtype=f32, device=cpu))
+    ours.append(torch.full((1500,), float("nan"), dtype=f32, device=cpu))
     lib.uniform_draws(seed, 1500, ours[2].data_ptr())
     return torch.equal(ours[0], linear) and torch.equal(ours[1], task) and torch.equal(ours[2], draws)
 
