@@ -184,6 +184,8 @@ def read_factors(path: Path, ref: str, config: dict, device: torch.device) -> tu
         raise EvomergeError(f"adapter {ref!r}: no {WEIGHTS} in {path}")
     try:
         stored = load_file(path / WEIGHTS, device=str(device))
+        if torch.device(device).type == "cpu":  # out of the file's map, as models.load_tensors does (why: there)
+            stored = {k: v.clone() for k, v in stored.items()}
     except Exception as exc:  # safetensors raises its own types for a damaged file
         raise EvomergeError(f"adapter {ref!r}: cannot read {WEIGHTS} ({str(exc).strip().splitlines()[0]})") from None
     factors, replaced = {}, {}

@@ -166,6 +166,18 @@ def test_random_merges_give_torchs_bits(kernel, monkeypatch, method, n, options)
         same_bits(fused, reference)
 
 
+@pytest.mark.parametrize("density", [0, 0.0, -0.0, 1e-300])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_at_density_zero_divides_as_torch_does(kernel, monkeypatch, method, density):
+    """inverse_density at density 0 divides the all-dropped delta by 0 (NaN, as torch and mergekit's
+    formula give); a divisor of 0 must not be taken for 'no divisor'."""
+    base, *sources = [t.view(64, 300) for t in tensors(3, 64 * 300, torch.bfloat16, seed=12)]
+    params = [{"weight": 0.5, "density": density}, {"weight": 0.5, "density": 0.5}]
+    fused, reference = both_ways(monkeypatch, method, base, sources, params,
+                                 {"rescale": True, "rescale_mode": "inverse_density"}, torch.bfloat16)
+    same_bits(fused, reference)
+
+
 @pytest.mark.parametrize("case", ["tie-heavy", "all-equal", "one-row", "falling-ramp", "flat-ramp", "float32-wide"])
 def test_della_decisions_give_torchs_bits_where_ranks_are_hard(kernel, monkeypatch, case):
     """DELLA decides most entries from their bucket's rank bounds; rows with many equal magnitudes

@@ -363,8 +363,9 @@ def keep_drawn(delta: torch.Tensor, draws: torch.Tensor, threshold: float | torc
            else _applies(delta, *others))
     if lib is None or any(t.dtype != torch.float32 or t.numel() != delta.numel() for t in (delta, *others)):
         return False
-    flags = (divisor is not None, divisor or 1.0, magnitudes.data_ptr() if magnitudes is not None else None,
-             torch.get_num_threads())
+    # a divisor of 0 (density 0) is a divisor: torch divides by it too
+    flags = (divisor is not None, divisor if divisor is not None else 1.0,
+             magnitudes.data_ptr() if magnitudes is not None else None, torch.get_num_threads())
     if isinstance(threshold, torch.Tensor):
         return lib.row_ramp(delta.shape[0], delta.shape[1], delta.data_ptr(), threshold.data_ptr(), None,
                             draws.data_ptr(), *flags) == 0  # no memory for the sort: torch's path, delta unchanged
