@@ -111,7 +111,7 @@ def _sparse_deltas(base, sources, params, rng, sparsifier, rescale_mode, dtype):
             delta.copy_(source).sub_(base_c)
         mask = sparsifier(delta, p, rng.stream(i) if rng is not None else None)
         scales.append(None if mask is None else
-                      rescale_masked(delta, mask, p["density"], rescale_mode, magnitudes, measured and magnitudes is not None))
+                      rescale_masked(delta, mask, p["density"], rescale_mode, magnitudes, measured))
     return deltas, scales
 
 
